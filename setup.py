@@ -1,0 +1,121 @@
+"""Build of fused_attn's C++/CUDA extension (fused_attn._C).
+
+A CUDA build when a CUDA toolkit is found and torch is a CUDA build; otherwise a CPU-only build.
+The toolkit is found from CUDA_HOME, else from nvcc's real location (torch's own guess can be wrong).
+
+Environment variables:
+  FUSED_ATTN_CUDA=0              force the CPU-only build
+  FUSED_ATTN_HEAD_DIMS=64,128    narrow the tensor-core head dims compiled (default: all)
+  FUSED_ATTN_DTYPES=bf16         narrow the tensor-core dtypes compiled (fp16, bf16; default: both)
+  TORCH_CUDA_ARCH_LIST="8.0 9.0" CUDA archs (default 8.0 and 9.0)
+  MAX_JOBS=N                     parallel compile jobs (torch's ninja build honours it)
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = pathlib.Path(__file__).resolve().parent
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+DTYPES = ("fp16", "bf16")
+
+
+def log(msg: str) -> None:
+    print(f"fused_attn setup: {msg}", file=sys.stderr)
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME if set, else the toolkit around the nvcc on PATH (following links and wrapper scripts)."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env if (pathlib.Path(env) / "bin" / "nvcc").exists() else None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for guess in ("/usr/local/cuda/bin/nvcc", "/opt/cuda/bin/nvcc"):
+            if os.path.exists(guess):
+                nvcc = guess
+                break
+    if nvcc is None:
+        return None
+    real = pathlib.Path(nvcc).resolve()
+    home = real.parent.parent
+    if (home / "include" / "cuda_runtime.h").exists() or (home / "targets").exists():
+        return str(home)
+    # nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc exec'ing the real one): ask nvcc itself.
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-v", "x.cu"], capture_output=True, text=True, timeout=60)
+        m = re.search(r"^#\$ TOP=(\S+)", dry.stdout + dry.stderr, re.M)
+        if m:
+            return str(pathlib.Path(m.group(1)).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def want_cuda() -> str | None:
+    if os.environ.get("FUSED_ATTN_CUDA", "1") == "0":
+        log("FUSED_ATTN_CUDA=0: CPU-only build")
+        return None
+    home = find_cuda_home()
+    if home is None:
+        log("no CUDA toolkit found (no CUDA_HOME, no nvcc): CPU-only build")
+        return None
+    os.environ["CUDA_HOME"] = home  # before torch.utils.cpp_extension reads it
+    import torch
+
+    if torch.version.cuda is None:
+        log(f"CUDA toolkit at {home}, but torch {torch.__version__} is a CPU build: CPU-only build")
+        return None
+    log(f"CUDA toolkit at {home}, torch {torch.__version__} (CUDA {torch.version.cuda}): CUDA build")
+    return home
+
+
+def selection(var: str, allowed: tuple, conv=str) -> list:
+    raw = os.environ.get(var)
+    if not raw:
+        return list(allowed)
+    picked = [conv(x.strip()) for x in raw.split(",") if x.strip()]
+    bad = [x for x in picked if x not in allowed]
+    if bad:
+        raise SystemExit(f"{var}: unknown value(s) {bad}; expected a comma-separated subset of {list(allowed)}")
+    return picked
+
+
+def extensions():
+    cuda_home = want_cuda()
+    from torch.utils import cpp_extension
+
+    # torch 2.14 headers need C++20; the .cu files include no torch header and stay C++17.
+    cxx = ["-O3", "-std=c++20"]
+    sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/cpu/fwd.cpp", "csrc/cpu/bwd.cpp"]
+    if cuda_home is None:
+        return [cpp_extension.CppExtension("fused_attn._C", sources, extra_compile_args={"cxx": cxx},
+                                           include_dirs=[str(ROOT / "csrc")])]
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
+    hds = selection("FUSED_ATTN_HEAD_DIMS", HEAD_DIMS, int)
+    dts = selection("FUSED_ATTN_DTYPES", DTYPES)
+    gen = [f"csrc/cuda/generated/{p}_{d}_hd{h}.cu" for p in ("fwd", "bwd") for d in dts for h in hds]
+    sources += ["csrc/cuda/launch.cu", "csrc/cuda/generic.cu"] + gen
+    log(f"archs {archs}; tensor-core head dims {hds}; dtypes {dts}; {len(gen)} generated files")
+    defs = ["-DFA_WITH_CUDA", f'-DFA_CUDA_ARCHS="{archs}"']
+    nvcc = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=--warn-on-spills", "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    return [cpp_extension.CUDAExtension("fused_attn._C", sources, include_dirs=[str(ROOT / "csrc")],
+                                        extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc + defs})]
+
+
+def build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+# Name, version and packages are in pyproject.toml; this file adds the compiled part.
+setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext()})
