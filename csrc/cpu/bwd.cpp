@@ -1,0 +1,210 @@
+// CPU backward (FlashAttention-2 math, scores recomputed tile by tile from lse).
+//
+// Structure: one task per (batch, kv head, chunk of key tiles). For each key tile it owns, the task walks
+// the query tiles that mask.h lists for every query head of the GQA group (QueryTiles) and does, on tiles
+// stored key-major (rows = keys, columns = queries):
+//   S^T  = K_tile (scale Q_tile)^T          P^T = exp(S^T - lse)        (in base 2, see tile_math.h)
+//   dV  += P^T dO                           dP^T = V_tile dO_tile^T
+//   dS^T = scale * P^T * (dP^T - delta)     dK  += dS^T Q
+//   dQ^T += K_tile^T dS^T                   (into the chunk's own dQ^T buffer)
+// dK and dV of a key tile are finished in cache by one task. dQ is accumulated by the single task that
+// owns (batch, kv head, chunk) into that chunk's buffer, and the chunks are summed in a fixed order at the
+// end: no atomics, the same bits on every run (for a given thread count, which fixes the chunk count).
+//
+// Why one pass and not a dK/dV pass plus a separate dQ pass over KeyTiles: the separate dQ pass
+// recomputes S, P and dP, 7 tile GEMMs per visited tile instead of 5 here (+40% backward GEMM work).
+// Measured at B1 H8 S2048 D64 fp32 (notes/cpu_kernels.md), this one-pass version is only a few percent
+// ahead of torch's SDPA forward+backward on dense attention, so the two-pass plan would fall behind it.
+// Chunks exist only to give the threads enough tasks when batch * kv heads is small; each costs one
+// fp32 (B, Hq, D, Sq) buffer.
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "../kernels.h"
+#include "../mask.h"
+#include "tile_math.h"
+
+namespace fused_attn {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634074;
+
+// Dense tiles (no block layout): 128 keys per task step x 64 query rows. Measured at B1 H8 S2048 D64
+// fp32, one thread, forward + backward time relative to torch SDPA, dense / causal (notes/cpu_kernels.md):
+// (tq, tk) = 64x64 0.99 / 0.92, 64x128 0.96 / 0.86, 128x128 0.97 / 0.84, 64x256 0.98 / 0.86. Alone, the
+// five tile GEMMs run at 146 GFLOP/s with 64x64 tiles and 156 with 64x128 (oneDNN brgemm, one core).
+constexpr int64_t kBwdTileQ = 64;
+constexpr int64_t kBwdTileK = 128;
+
+// Chunks of key tiles per (batch, kv head): enough tasks for ~4 per thread, at most 16, and the dQ^T
+// buffers together at most 2^26 elements beyond the first.
+int64_t pick_chunks(int64_t nbhk, int64_t nkt, int64_t dq_elems) {
+  const int64_t want = cdiv(4 * static_cast<int64_t>(at::get_num_threads()), imax(nbhk, 1));
+  int64_t c = imax(1, imin(imin(want, nkt), 16));
+  while (c > 1 && (c - 1) * dq_elems > (int64_t{1} << 26)) --c;
+  return c;
+}
+
+template <typename T>
+struct BwdScratch {
+  std::unique_ptr<T[]> st, dpt, dk, dv;
+};
+
+template <typename T>
+void bwd_impl(const AttnParams& p) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const int64_t nb = p.batch, hq = p.hq, hk = p.hk, sq = p.sq, sk = p.sk, d = p.d, grp = p.group();
+  if (nb == 0 || hq == 0) return;
+  const int64_t tq = p.sparse ? p.list_tq : kBwdTileQ;
+  const int64_t tk = p.sparse ? p.list_tk : kBwdTileK;
+  const int64_t nkt = cdiv(sk, tk);
+  const T scale = static_cast<T>(p.scale);
+  const T l2e = static_cast<T>(kLog2e), qscale = static_cast<T>(p.scale * kLog2e);
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* o = static_cast<const T*>(p.o);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* lse = static_cast<const T*>(p.lse);
+  T* delta = static_cast<T*>(p.delta);
+  T* dq = static_cast<T*>(p.dq);
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+
+  // Pre-pass per (b, query head): delta = rowsum(dO * O); qt = scale * log2(e) * Q^T and dot = dO^T,
+  // (D x Sq); lse_adj = log2(e) * lse, or +inf for rows that see nothing (then P = 2^(s - lse_adj) = 0,
+  // never inf or NaN). Scores are in base 2 as in the forward (tile_math.h).
+  const int64_t ldq = cpu::padded_ld(sq), ldk = cpu::padded_ld(sk);
+  const int64_t qhead = d * ldq, khead = d * ldk;
+  std::unique_ptr<T[]> qt(new T[nb * hq * qhead]), dot(new T[nb * hq * qhead]), kt(new T[nb * hk * khead]);
+  std::unique_ptr<T[]> lse_adj(new T[nb * hq * sq]);
+  at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
+    for (int64_t bh = beg; bh < end; ++bh) {
+      const int64_t b = bh / hq, h = bh % hq;
+      const T* lrow = lse + b * p.lse_b + h * p.lse_h;
+      T* drow = delta + b * p.lse_b + h * p.lse_h;
+      T* arow = lse_adj.get() + bh * sq;
+      for (int64_t i = 0; i < sq; ++i) {
+        const T* oi = o + p.o_st.at(b, h, i);
+        const T* gi = dout + p.do_st.at(b, h, i);
+        T acc = 0;
+        for (int64_t c = 0; c < d; ++c) acc += oi[c] * gi[c];
+        // A gradient reaching lse (return_lse=True) adds dlse_i * P_ij to dS_ij: fold it into delta.
+        drow[i] = p.dlse ? acc - static_cast<const T*>(p.dlse)[b * p.lse_b + h * p.lse_h + i] : acc;
+        arow[i] = lrow[i] == -kInf ? kInf : lrow[i] * l2e;
+      }
+      cpu::transpose_scaled(q + p.q_st.at(b, h, 0), p.q_st.s, sq, d, qt.get() + bh * qhead, ldq, qscale);
+      cpu::transpose_scaled(dout + p.do_st.at(b, h, 0), p.do_st.s, sq, d, dot.get() + bh * qhead, ldq, T(1));
+    }
+  });
+  at::parallel_for(0, nb * hk, 1, [&](int64_t beg, int64_t end) {
+    for (int64_t bh = beg; bh < end; ++bh)
+      cpu::transpose_scaled(k + p.k_st.at(bh / hk, bh % hk, 0), p.k_st.s, sk, d, kt.get() + bh * khead, ldk, T(1));
+  });
+
+  const int64_t dq_elems = nb * hq * qhead;
+  const int64_t nchunk = pick_chunks(nb * hk, nkt, dq_elems);
+  std::unique_ptr<T[]> dqt(new T[nchunk * dq_elems]);
+
+  // Tasks: t = (b * hk + kvh) * nchunk + c; cost = query tiles visited.
+  const int64_t ntasks = nb * hk * nchunk;
+  std::vector<int64_t> cost(ntasks, 0);
+  for (int64_t t = 0; t < ntasks; ++t) {
+    const int64_t c = t % nchunk, b = t / nchunk / hk, kvh = (t / nchunk) % hk;
+    for (int64_t kti = c; kti < nkt; kti += nchunk)
+      for (int64_t hh = 0; hh < grp; ++hh) cost[t] += QueryTiles(p, b, kvh * grp + hh, kti, tq, tk).count();
+  }
+
+  auto make = [&] {
+    BwdScratch<T> w;
+    w.st.reset(new T[tk * tq]);
+    w.dpt.reset(new T[tk * tq]);
+    w.dk.reset(new T[tk * d]);
+    w.dv.reset(new T[tk * d]);
+    return w;
+  };
+
+  auto body = [&](BwdScratch<T>& w, int64_t t) {
+    const int64_t c = t % nchunk, b = t / nchunk / hk, kvh = (t / nchunk) % hk;
+    T* st = w.st.get();
+    T* dpt = w.dpt.get();
+    T* dka = w.dk.get();
+    T* dva = w.dv.get();
+    // This task's dQ^T rows: chunk c, batch b, the group's query heads (contiguous).
+    T* dqt_grp = dqt.get() + c * dq_elems + (b * hq + kvh * grp) * qhead;
+    std::fill(dqt_grp, dqt_grp + grp * qhead, T(0));
+    const T* kth = kt.get() + (b * hk + kvh) * khead;
+
+    for (int64_t kti = c; kti < nkt; kti += nchunk) {
+      const int64_t k0 = kti * tk, kn = imin(tk, sk - k0);
+      const T* ktile = k + p.k_st.at(b, kvh, k0);
+      const T* vtile = v + p.v_st.at(b, kvh, k0);
+      bool started = false;
+      for (int64_t hh = 0; hh < grp; ++hh) {
+        const int64_t h = kvh * grp + hh, bh = b * hq + h;
+        const QueryTiles tiles(p, b, h, kti, tq, tk);
+        for (int64_t it = 0; it < tiles.count(); ++it) {
+          const TileVisit vis = tiles.get(it);
+          if (vis.tile < 0) continue;
+          const int64_t q0 = vis.tile * tq;
+          if (q0 >= sq) continue;
+          const int64_t qn = imin(tq, sq - q0);
+          const int64_t row0 = b * p.lse_b + h * p.lse_h + q0;
+
+          cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + bh * qhead + q0, ldq, st, tq, false);
+          if (tile_needs_mask(p, vis, q0, q0 + qn, k0, k0 + kn))
+            cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, st, tq, true);
+          cpu::probs(st, kn, qn, tq, lse_adj.get() + bh * sq + q0);
+          cpu::gemm(kn, d, qn, st, tq, dout + p.do_st.at(b, h, q0), p.do_st.s, dva, d, started);
+          cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + bh * qhead + q0, ldq, dpt, tq, false);
+          cpu::dsoft(dpt, st, kn, qn, tq, delta + row0, scale);
+          cpu::gemm(kn, d, qn, dpt, tq, q + p.q_st.at(b, h, q0), p.q_st.s, dka, d, started);
+          cpu::gemm(d, qn, kn, kth + k0, ldk, dpt, tq, dqt_grp + hh * qhead + q0, ldq, true);
+          started = true;
+        }
+      }
+      for (int64_t r = 0; r < kn; ++r) {
+        T* dkr = dk + p.dk_st.at(b, kvh, k0 + r);
+        T* dvr = dv + p.dv_st.at(b, kvh, k0 + r);
+        if (started) {
+          std::copy(dka + r * d, dka + r * d + d, dkr);
+          std::copy(dva + r * d, dva + r * d + d, dvr);
+        } else {
+          std::fill(dkr, dkr + d, T(0));
+          std::fill(dvr, dvr + d, T(0));
+        }
+      }
+    }
+  };
+
+  cpu::run_tasks(cost, make, body);
+
+  // dQ = sum over chunks (in chunk order) of dQ^T, transposed back into dq's strides.
+  at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
+    for (int64_t bh = beg; bh < end; ++bh) {
+      T* dst = dq + p.dq_st.at(bh / hq, bh % hq, 0);
+      for (int64_t c = 0; c < nchunk; ++c)
+        cpu::transpose_scaled(dqt.get() + c * dq_elems + bh * qhead, ldq, d, sq, dst, p.dq_st.s, T(1), c > 0);
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_bwd(const AttnParams& p, DType dt) {
+  switch (dt) {
+    case DType::f32:
+      bwd_impl<float>(p);
+      return;
+    case DType::f64:
+      bwd_impl<double>(p);
+      return;
+    default:
+      throw std::invalid_argument("cpu_bwd: dtype " + std::to_string(static_cast<int>(dt)) +
+                                  " is not supported; expected f32 or f64 (fp16/bf16 are upcast by the caller)");
+  }
+}
+
+}  // namespace fused_attn

@@ -1,0 +1,345 @@
+// Tile-level helpers shared by the CPU forward and backward kernels: small row-major GEMMs, the exp-based
+// softmax steps on a score tile, and transposes for the pre-passes. Float and double overloads, so the
+// kernels are one template over the element type.
+//
+// Why these choices (measured on the 2-core Xeon (Sapphire Rapids) dev box, see notes/cpu_kernels.md):
+// - GEMM: at::native::cpublas::brgemm(float) is the exported (TORCH_API) small-GEMM entry point of
+//   libtorch_cpu (oneDNN ukernel, else MKL). cpublas::gemm and its helpers are declared in CPUBlas.h but
+//   not exported from libtorch_cpu.so, so an extension cannot link them. brgemm has no transpose flags:
+//   the kernels pre-transpose K (and Q, dO in the backward) once per head, which costs O(S*D).
+//   64x64x64 brgemm runs at ~170 GFLOP/s on one core, as fast as MKL sgemm at that size.
+// - exp: a base-2 polynomial exp on GCC vector extensions, compiled per ISA with target_clones (AVX-512,
+//   AVX2, baseline) and picked at load time, so the package is fast without -march flags and still runs
+//   on any x86-64. Max relative error ~2 ulp. Double uses std::exp2 (fp64 is for accuracy, not speed).
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "../mask.h"
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
+#define FA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FA_CPU_CLONES
+#endif
+#define FA_CPU_INLINE inline __attribute__((always_inline))
+
+// The 64-byte vector helpers below are always inlined, so the "vector ABI changes" note GCC gives for
+// them is moot. It is reported at the end of the translation unit, so it cannot be pushed/popped here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace fused_attn {
+namespace cpu {
+
+// ---------------------------------------------------------------------------------------------------
+// Scheduling. Tasks differ in cost (causal: the last query tile visits every key tile, the first one),
+// and at::parallel_for hands each thread one contiguous range, which leaves one core idle for the tail.
+// So each thread pulls the next task from a shared counter, most expensive first. Every task writes
+// only its own outputs in a fixed order, so results do not depend on which thread ran what.
+// make() builds one thread's scratch; body(scratch, task) runs one task.
+template <typename Make, typename Body>
+void run_tasks(const std::vector<int64_t>& cost, Make make, Body body) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  if (n == 0) return;
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    auto scratch = make();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(scratch, order[t]);
+  });
+}
+
+// Leading dimension for a pre-transposed (D x S) buffer: S rounded up to 16 plus 16 elements, so that
+// the D rows of a tile do not sit a multiple of 4 KiB apart (S = 1024, 2048, ... would otherwise put
+// every row of a GEMM operand in the same L1 sets).
+inline int64_t padded_ld(int64_t s) { return (s + 15) / 16 * 16 + 16; }
+
+// ---------------------------------------------------------------------------------------------------
+// GEMM: C (M x N, ldc) = A (M x K, lda) * B (K x N, ldb) [+ C when accumulate], all row-major.
+
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                 float* c, int64_t ldc, bool accumulate) {
+  // A size-1 dimension may carry any stride (0, 1, ...); the row stride of a one-row operand is never
+  // used, so make it one the GEMM accepts (ld >= columns).
+  if (m == 1) {
+    lda = std::max(lda, k);
+    ldc = std::max(ldc, n);
+  }
+  if (k == 1) ldb = std::max(ldb, n);
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
+}
+
+// fp64: a plain loop nest (i, k, j), vectorised along j by the compiler.
+inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb,
+                 double* c, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    double* __restrict__ ci = c + i * ldc;
+    if (!accumulate)
+      for (int64_t j = 0; j < n; ++j) ci[j] = 0.0;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const double aik = a[i * lda + kk];
+      const double* __restrict__ bk = b + kk * ldb;
+      for (int64_t j = 0; j < n; ++j) ci[j] += aik * bk[j];
+    }
+  }
+}
+
+// dst (cols x rows, ld_dst) = scale * src (rows x cols, ld_src)^T [+ dst when accumulate], in 16x16
+// blocks for cache reuse.
+template <typename T>
+void transpose_scaled(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst,
+                      T scale, bool accumulate = false) {
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+    const int64_t r1 = r0 + kB < rows ? r0 + kB : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t c1 = c0 + kB < cols ? c0 + kB : cols;
+      if (accumulate) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] += scale * src[r * ld_src + c];
+      } else {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = scale * src[r * ld_src + c];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Masking. Sets the scores of a visited tile that the rule hides to -inf: query rows [q0, q0 + qn) by keys
+// [k0, k0 + kn), stored row-major by query (transposed = false) or by key (transposed = true, the
+// backward's layout). Without a partly visible block the visible keys of a query row are one interval,
+// Band::key_range of that row (and the visible queries of a key, Band::query_range), so a line is masked
+// with two fills; inside a partly visible block every element asks element_visible.
+template <typename T>
+void mask_tile(const AttnParams& p, const TileVisit& v, int64_t b, int64_t h, int64_t q0, int64_t qn,
+               int64_t k0, int64_t kn, T* s, int64_t ld, bool transposed) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const Band band(p);
+  const int64_t lines = transposed ? kn : qn, len = transposed ? qn : kn;
+  for (int64_t r = 0; r < lines; ++r) {
+    T* line = s + r * ld;
+    if (v.layout_partial) {
+      for (int64_t c = 0; c < len; ++c) {
+        const int64_t i = transposed ? q0 + c : q0 + r, j = transposed ? k0 + r : k0 + c;
+        if (!element_visible(p, v, b, h, i, j)) line[c] = kNegInf;
+      }
+      continue;
+    }
+    int64_t beg, end, base;
+    if (transposed) {
+      band.query_range(k0 + r, k0 + r + 1, beg, end);
+      base = q0;
+    } else {
+      band.key_range(q0 + r, q0 + r + 1, beg, end);
+      base = k0;
+    }
+    const int64_t lo = imin(imax(beg - base, 0), len);  // first visible column
+    const int64_t hi = imax(imin(end - base, len), lo);  // one past the last visible column
+    for (int64_t c = 0; c < lo; ++c) line[c] = kNegInf;
+    for (int64_t c = hi; c < len; ++c) line[c] = kNegInf;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Vectorised fp32 exp (16 lanes; GCC lowers the 64-byte vector to 1 zmm, 2 ymm or 4 xmm registers).
+
+namespace vec {
+typedef float f16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+constexpr int kW = 16;
+
+FA_CPU_INLINE f16 splat(float x) { return f16{} + x; }
+FA_CPU_INLINE f16 load(const float* p) {
+  f16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FA_CPU_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
+// The first n (< 16) lanes from p, the rest `fill`.
+FA_CPU_INLINE f16 load_part(const float* p, int64_t n, float fill) {
+  float tmp[kW];
+  for (int i = 0; i < kW; ++i) tmp[i] = i < n ? p[i] : fill;
+  return load(tmp);
+}
+FA_CPU_INLINE void store_part(float* p, f16 v, int64_t n) {
+  float tmp[kW];
+  store(tmp, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
+}
+FA_CPU_INLINE f16 vmax(f16 a, f16 b) { return a > b ? a : b; }
+// Horizontal max and sum as a shuffle tree (a fixed order on every ISA); a loop through memory here
+// cost ~10% of the forward in store-forwarding stalls.
+FA_CPU_INLINE f16 swap_halves(f16 v, int w) {
+  switch (w) {
+    case 8: return __builtin_shuffle(v, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    case 4: return __builtin_shuffle(v, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    case 2: return __builtin_shuffle(v, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    default: return __builtin_shuffle(v, i16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  }
+}
+FA_CPU_INLINE float hmax(f16 v) {
+  v = vmax(v, swap_halves(v, 8));
+  v = vmax(v, swap_halves(v, 4));
+  v = vmax(v, swap_halves(v, 2));
+  v = vmax(v, swap_halves(v, 1));
+  return v[0];
+}
+FA_CPU_INLINE float hsum(f16 v) {
+  v += swap_halves(v, 8);
+  v += swap_halves(v, 4);
+  v += swap_halves(v, 2);
+  v += swap_halves(v, 1);
+  return v[0];
+}
+
+// 2^x for x <= 127; exactly 0 below -125 (also for -inf and NaN), so masked scores give P = 0.
+// The kernels work in base 2 (scores pre-scaled by log2(e), as FlashAttention does), which saves the
+// two-constant ln2 range reduction. n = round(x) through the 1.5 * 2^23 trick (the low bits of t hold n),
+// f = x - n in [-0.5, 0.5], 2^f by a degree-6 polynomial (relative-error fit, 1e-7 max in fp32 with
+// rounding), and 2^n added straight into the exponent bits. ~15 vector ops per 16 elements, against
+// ~24 for a natural-base Cephes exp with clamps: the softmax step went from ~25% to ~15% of the GEMM time.
+FA_CPU_INLINE f16 exp2(f16 x) {
+  const i16 keep = x >= splat(-125.0f);
+  x = x < splat(127.0f) ? x : splat(127.0f);
+  const f16 magic = splat(12582912.0f);
+  const f16 t = x + magic;
+  const f16 f = x - (t - magic);
+  f16 y = splat(1.535612594e-4f);
+  y = y * f + 1.339881786e-3f;
+  y = y * f + 9.618427777e-3f;
+  y = y * f + 5.550332683e-2f;
+  y = y * f + 2.402264799e-1f;
+  y = y * f + 6.931472027e-1f;
+  y = y * f + 1.0f;
+  const i16 bits = (i16)y + ((i16)t << 23);
+  return (f16)(bits & keep);
+}
+}  // namespace vec
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: one online-softmax step on a score tile s (rows x cols, ld), scores already scaled (base 2:
+// scale * log2(e) * q.k) and masked (-inf). Per row: m_new = max(m, rowmax); s <- 2^(s - m_new);
+// l <- l * alpha + rowsum with alpha = 2^(m - m_new), returned in alpha[r] for rescaling the output accumulator. A row whose max is
+// still -inf uses 0 in place of the max (so P = 0 and alpha = 1, never NaN).
+
+FA_CPU_CLONES static void softmax_step_f32(float* s, int64_t rows, int64_t cols, int64_t ld, float* m,
+                                           float* l, float* alpha) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t cv = cols - cols % vec::kW;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    vec::f16 vm = vec::splat(kNegInf);
+    for (int64_t c = 0; c < cv; c += vec::kW) vm = vec::vmax(vm, vec::load(row + c));
+    if (cv < cols) vm = vec::vmax(vm, vec::load_part(row + cv, cols - cv, kNegInf));
+    const float tile_max = vec::hmax(vm);
+    const float m_old = m[r];
+    const float m_new = tile_max > m_old ? tile_max : m_old;
+    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    alpha[r] = m_old == m_new ? 1.0f : std::exp2(m_old - m_use);
+    const vec::f16 vsub = vec::splat(m_use);
+    vec::f16 vs = vec::splat(0.0f);
+    for (int64_t c = 0; c < cv; c += vec::kW) {
+      const vec::f16 e = vec::exp2(vec::load(row + c) - vsub);
+      vec::store(row + c, e);
+      vs += e;
+    }
+    if (cv < cols) {
+      const vec::f16 e = vec::exp2(vec::load_part(row + cv, cols - cv, kNegInf) - vsub);
+      vec::store_part(row + cv, e, cols - cv);
+      vs += e;
+    }
+    l[r] = l[r] * alpha[r] + vec::hsum(vs);
+    m[r] = m_new;
+  }
+}
+
+inline void softmax_step(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l, float* alpha) {
+  softmax_step_f32(s, rows, cols, ld, m, l, alpha);
+}
+
+inline void softmax_step(double* s, int64_t rows, int64_t cols, int64_t ld, double* m, double* l,
+                         double* alpha) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    double* row = s + r * ld;
+    double tile_max = kNegInf;
+    for (int64_t c = 0; c < cols; ++c) tile_max = row[c] > tile_max ? row[c] : tile_max;
+    const double m_old = m[r];
+    const double m_new = tile_max > m_old ? tile_max : m_old;
+    const double m_use = m_new == kNegInf ? 0.0 : m_new;
+    alpha[r] = m_old == m_new ? 1.0 : std::exp2(m_old - m_use);
+    double sum = 0.0;
+    for (int64_t c = 0; c < cols; ++c) {
+      row[c] = std::exp2(row[c] - m_use);
+      sum += row[c];
+    }
+    l[r] = l[r] * alpha[r] + sum;
+    m[r] = m_new;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, on transposed tiles (rows = keys, cols = queries):
+//   probs:  s[r][c] <- 2^(s[r][c] - lse_adj[c])   (base 2: s and lse_adj carry a factor log2(e);
+//                                                   lse_adj = +inf for rows that see nothing, so P = 0)
+//   dsoft:  dp[r][c] <- scale * p[r][c] * (dp[r][c] - delta[c])
+
+FA_CPU_CLONES static void probs_f32(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_adj) {
+  const int64_t cv = cols - cols % vec::kW;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    for (int64_t c = 0; c < cv; c += vec::kW)
+      vec::store(row + c, vec::exp2(vec::load(row + c) - vec::load(lse_adj + c)));
+    if (cv < cols) {
+      const int64_t n = cols - cv;
+      const vec::f16 x = vec::load_part(row + cv, n, 0.0f) - vec::load_part(lse_adj + cv, n, 0.0f);
+      vec::store_part(row + cv, vec::exp2(x), n);
+    }
+  }
+}
+
+FA_CPU_CLONES static void dsoft_f32(float* dp, const float* pr, int64_t rows, int64_t cols, int64_t ld,
+                                    const float* delta, float scale) {
+  const int64_t cv = cols - cols % vec::kW;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* drow = dp + r * ld;
+    const float* prow = pr + r * ld;
+    for (int64_t c = 0; c < cv; c += vec::kW)
+      vec::store(drow + c, (vec::load(prow + c) * scale) * (vec::load(drow + c) - vec::load(delta + c)));
+    for (int64_t c = cv; c < cols; ++c) drow[c] = (prow[c] * scale) * (drow[c] - delta[c]);
+  }
+}
+
+inline void probs(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_adj) {
+  probs_f32(s, rows, cols, ld, lse_adj);
+}
+inline void probs(double* s, int64_t rows, int64_t cols, int64_t ld, const double* lse_adj) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) s[r * ld + c] = std::exp2(s[r * ld + c] - lse_adj[c]);
+}
+inline void dsoft(float* dp, const float* pr, int64_t rows, int64_t cols, int64_t ld, const float* delta,
+                  float scale) {
+  dsoft_f32(dp, pr, rows, cols, ld, delta, scale);
+}
+inline void dsoft(double* dp, const double* pr, int64_t rows, int64_t cols, int64_t ld, const double* delta,
+                  double scale) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      dp[r * ld + c] = (pr[r * ld + c] * scale) * (dp[r * ld + c] - delta[c]);
+}
+
+}  // namespace cpu
+}  // namespace fused_attn
