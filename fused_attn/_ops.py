@@ -1,0 +1,114 @@
+"""torch.library glue for the ops defined in csrc/ops.cpp: fake (meta) kernels for tracing, autograd,
+and the choice of kernel tiles that a block mask must list its tiles for."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _C  # noqa: F401  (loading the extension registers torch.ops.fused_attn)
+
+_TILES = _C.tile_table()
+_INFO = _C.build_info()
+
+
+def build_info() -> dict:
+    """What this build holds: backends, dtypes and head dims per backend, CUDA archs."""
+    return dict(_INFO)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_tile_shapes() -> tuple[tuple[int, int], ...]:
+    """Every distinct (tq, tk) a CUDA kernel of this build runs with."""
+    shapes = set()
+    for t in list(_TILES["tc"].values()) + [_TILES["generic"]]:
+        shapes.add((t[0], t[1]))
+        shapes.add((t[2], t[3]))
+    return tuple(sorted(shapes))
+
+
+def tc_head_dim(dtype: torch.dtype, d: int) -> int:
+    """The compiled tensor-core head dim that runs head dim d on CUDA, or 0 when none does."""
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    dims = _INFO.get("cuda_tensor_core_head_dims", {}).get(name, [])
+    if d % 8:
+        return 0
+    return min((h for h in dims if h >= d), default=0)
+
+
+def kernel_tiles(q: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(forward tiles, backward tiles) of the kernels that will run on q, raising ValueError where no
+    kernel of this build can."""
+    if q.device.type == "cpu":
+        return None, None  # the CPU kernels take the layout's own blocks as tiles
+    if q.device.type != "cuda":
+        raise ValueError(f"q: expected a CPU or CUDA tensor, got device {q.device}")
+    if "cuda" not in _INFO["backends"]:
+        raise ValueError(f"q: is on {q.device} but this build of fused_attn has no CUDA kernels "
+                         "(rebuild where nvcc is found; see fused_attn.build_info())")
+    if q.dtype in (torch.float16, torch.bfloat16):
+        hd = tc_head_dim(q.dtype, q.shape[3])
+        if not hd:
+            raise ValueError(f"q: head dim {q.shape[3]} is not supported by the CUDA {q.dtype} kernels of this "
+                             "build: expected D <= 256 with D % 8 == 0 (see fused_attn.build_info())")
+        t = _TILES["tc"][hd]
+    else:
+        t = _TILES["generic"]
+    return (t[0], t[1]), (t[2], t[3])
+
+
+def sparse_args(block_mask, q: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    if block_mask is None:
+        return [], []
+    fwd, bwd = kernel_tiles(q)
+    if fwd is None:
+        fwd = bwd = block_mask.block_size
+    return block_mask.op_args(fwd, bwd)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fused_attn::fwd")
+def _fwd_fake(q, k, v, scale, window_left, window_right, sparse, sparse_shape):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return out, lse
+
+
+@torch.library.register_fake("fused_attn::bwd")
+def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, sparse, sparse_shape,
+              deterministic):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, left, right, sparse, sparse_shape = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *sparse)
+    ctx.args = (scale, left, right, list(sparse_shape))
+    ctx.n_sparse = len(sparse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *sparse = ctx.saved_tensors
+    scale, left, right, sparse_shape = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fused_attn.bwd(dout, q, k, v, out, lse, dlse, scale, left, right, sparse,
+                                          sparse_shape, False)
+    # The gradient structure mirrors the inputs: one None per tensor of `sparse`, and an empty int
+    # list counts as a list (a non-empty one as a single leaf).
+    return dq, dk, dv, None, None, None, [None] * ctx.n_sparse, (None if sparse_shape else [])
+
+
+torch.library.register_autograd("fused_attn::fwd", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fused_attn.flash: gradients of gradients (double backward) are not supported")
+
+
+torch.library.register_autograd("fused_attn::bwd", _no_double_backward)
