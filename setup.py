@@ -52,7 +52,7 @@ def find_cuda_home() -> str | None:
         dry = subprocess.run([nvcc, "--dryrun", "-v", "x.cu"], capture_output=True, text=True, timeout=60)
         m = re.search(r"^#\$ TOP=(\S+)", dry.stdout + dry.stderr, re.M)
         if m:
-            return str(pathlib.Path(m.group(1)).resolve().parent)
+            return str(pathlib.Path(m.group(1)).resolve())  # TOP is <home>/bin/..
     except (OSError, subprocess.SubprocessError):
         pass
     return None
@@ -92,11 +92,13 @@ def extensions():
     from torch.utils import cpp_extension
 
     # torch 2.14 headers need C++20; the .cu files include no torch header and stay C++17.
-    cxx = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is a header template that runs on one thread without _OPENMP.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    link = ["-fopenmp"]
     sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/cpu/fwd.cpp", "csrc/cpu/bwd.cpp"]
     if cuda_home is None:
         return [cpp_extension.CppExtension("fused_attn._C", sources, extra_compile_args={"cxx": cxx},
-                                           include_dirs=[str(ROOT / "csrc")])]
+                                           extra_link_args=link, include_dirs=[str(ROOT / "csrc")])]
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
     hds = selection("FUSED_ATTN_HEAD_DIMS", HEAD_DIMS, int)
     dts = selection("FUSED_ATTN_DTYPES", DTYPES)
@@ -108,7 +110,8 @@ def extensions():
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return [cpp_extension.CUDAExtension("fused_attn._C", sources, include_dirs=[str(ROOT / "csrc")],
-                                        extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc + defs})]
+                                        extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc + defs},
+                                        extra_link_args=link)]
 
 
 def build_ext():

@@ -21,8 +21,10 @@
 #include "cuda/tiles.h"
 
 #ifdef FA_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard only: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which a
+// toolkit with just the compiler and runtime lacks.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/launch.h"
 #endif
@@ -299,7 +301,7 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
   p.lse = lse.data_ptr();
   p.lse_b = lse.stride(0);
   p.lse_h = lse.stride(1);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (hd) {
     check_tiles(p, tc_tiles(hd).fwd_tq, tc_tiles(hd).fwd_tk, "tensor-core forward");
     tc_fwd(p, dtype_of(q), hd, stream);
@@ -357,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   p.dv_st = strides_of(dv);
   p.delta = delta.data_ptr();
   p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (hd) {
     const TileShape t = tc_tiles(hd);
     check_tiles(p, t.bwd_tq, t.bwd_tk, "tensor-core backward");

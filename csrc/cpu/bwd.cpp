@@ -101,7 +101,8 @@ void bwd_impl(const AttnParams& p) {
   });
   at::parallel_for(0, nb * hk, 1, [&](int64_t beg, int64_t end) {
     for (int64_t bh = beg; bh < end; ++bh)
-      cpu::transpose_scaled(k + p.k_st.at(bh / hk, bh % hk, 0), p.k_st.s, sk, d, kt.get() + bh * khead, ldk, T(1));
+      cpu::transpose_scaled(k + p.k_st.at(bh / hk, bh % hk, 0), p.k_st.s, sk, d, kt.get() + bh * khead, ldk,
+                            T(1));
   });
 
   const int64_t dq_elems = nb * hq * qhead;
@@ -203,7 +204,7 @@ void cpu_bwd(const AttnParams& p, DType dt) {
       return;
     default:
       throw std::invalid_argument("cpu_bwd: dtype " + std::to_string(static_cast<int>(dt)) +
-                                  " is not supported; expected f32 or f64 (fp16/bf16 are upcast by the caller)");
+                                  " is not supported; expected f32 or f64 (the caller upcasts fp16/bf16)");
   }
 }
 

@@ -4,7 +4,8 @@
 //   mask S to -inf where needed            (only on tiles tile_needs_mask says are partial)
 //   m' = max(m, rowmax S), P = exp(S - m'), l = l * exp(m - m') + rowsum P
 //   O = O * exp(m - m') + P V              (GEMM)
-// and finally O /= l, lse = m + log l. (Computed in base 2, see tile_math.h.) Rows that see no key end with out 0 and lse -inf.
+// and finally O /= l, lse = m + log l (all in base 2, see tile_math.h). Rows that see no key end with
+// out 0 and lse -inf.
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -98,7 +99,8 @@ void fwd_impl(const AttnParams& p) {
       const int64_t kn = imin(tk, sk - k0);
 
       cpu::gemm(qn, kn, d, qtile, p.q_st.s, kth + k0, ldk, s, tk, false);
-      if (tile_needs_mask(p, vis, q0, q0 + qn, k0, k0 + kn)) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
+      if (tile_needs_mask(p, vis, q0, q0 + qn, k0, k0 + kn))
+        cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
       cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
       if (started) {
         for (int64_t r = 0; r < qn; ++r) {
@@ -142,7 +144,7 @@ void cpu_fwd(const AttnParams& p, DType dt) {
       return;
     default:
       throw std::invalid_argument("cpu_fwd: dtype " + std::to_string(static_cast<int>(dt)) +
-                                  " is not supported; expected f32 or f64 (fp16/bf16 are upcast by the caller)");
+                                  " is not supported; expected f32 or f64 (the caller upcasts fp16/bf16)");
   }
 }
 
