@@ -170,6 +170,42 @@ AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, double
 
 at::ScalarType lse_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+void check_bwd_shapes(const Tensor& q, const Tensor& dout, const Tensor& out, const Tensor& lse) {
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout, out: expected shape ",
+                    shape_str(q), ", got ", shape_str(dout), " and ", shape_str(out));
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                        lse.size(2) == q.size(2) && lse.scalar_type() == lse_type(q),
+                    "lse: expected ", lse_type(q), " of shape (B, Hq, Sq), got ", shape_str(lse));
+}
+
+// The tensors of a backward call, kept alive for its kernels; set_bwd points the params at them.
+struct BwdTensors {
+  Tensor dout, out, lse, dlse, dq, dk, dv, delta;
+};
+
+void set_bwd(AttnParams& p, BwdTensors& t, const std::optional<Tensor>& dlse) {
+  t.delta = at::empty_like(t.lse);
+  p.o = const_cast<void*>(t.out.data_ptr());
+  p.o_st = strides_of(t.out);
+  p.lse = const_cast<void*>(t.lse.data_ptr());
+  p.lse_b = t.lse.stride(0);
+  p.lse_h = t.lse.stride(1);
+  if (dlse.has_value()) {
+    t.dlse = dlse->to(t.lse.scalar_type()).contiguous();
+    TORCH_CHECK_VALUE(t.dlse.sizes() == t.lse.sizes(), "dlse: expected shape ", shape_str(t.lse));
+    p.dlse = t.dlse.data_ptr();
+  }
+  p.dout = t.dout.data_ptr();
+  p.do_st = strides_of(t.dout);
+  p.dq = t.dq.data_ptr();
+  p.dk = t.dk.data_ptr();
+  p.dv = t.dv.data_ptr();
+  p.dq_st = strides_of(t.dq);
+  p.dk_st = strides_of(t.dk);
+  p.dv_st = strides_of(t.dv);
+  p.delta = t.delta.data_ptr();
+}
+
 bool env_deterministic() {
   const char* e = std::getenv("FUSED_ATTN_DETERMINISTIC");
   return e && std::string(e) != "0" && std::string(e) != "";
@@ -211,45 +247,23 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout_in, const Tensor& 
   (void)deterministic;  // the CPU backward is always deterministic
   check_qkv(q_in, k_in, v_in);
   const Tensor q = cpu_compute(q_in), k = cpu_compute(k_in), v = cpu_compute(v_in);
-  const Tensor dout = cpu_compute(dout_in).contiguous(), out = cpu_compute(out_in).contiguous();
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout, out: expected shape ",
-                    shape_str(q), ", got ", shape_str(dout), " and ", shape_str(out));
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                        lse.size(2) == q.size(2) && lse.scalar_type() == lse_type(q),
-                    "lse: expected ", lse_type(q), " of shape (B, Hq, Sq), got ", shape_str(lse));
+  BwdTensors t;
+  t.dout = cpu_compute(dout_in).contiguous();
+  t.out = cpu_compute(out_in).contiguous();
+  check_bwd_shapes(q, t.dout, t.out, lse);
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
-  Tensor dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
-  Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
-  auto back = [&](Tensor& t, const Tensor& like) { return t.to(like.scalar_type()); };
-  if (q.numel() == 0 || k.numel() == 0) return {back(dq, q_in), back(dk, k_in), back(dv, v_in)};
-  const Tensor lse_c = lse.contiguous();
-  Tensor dlse_c;
+  t.dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  t.dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  t.dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  auto back = [](const Tensor& g, const Tensor& like) { return g.to(like.scalar_type()); };
+  if (q.numel() == 0 || k.numel() == 0) return {back(t.dq, q_in), back(t.dk, k_in), back(t.dv, v_in)};
+  t.lse = lse.contiguous();
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, true, q);
-  Tensor delta = at::empty_like(lse_c);
-  p.o = const_cast<void*>(out.data_ptr());
-  p.o_st = strides_of(out);
-  p.lse = const_cast<void*>(lse_c.data_ptr());
-  p.lse_b = lse_c.stride(0);
-  p.lse_h = lse_c.stride(1);
-  if (dlse.has_value()) {
-    dlse_c = dlse->to(lse.scalar_type()).contiguous();
-    TORCH_CHECK_VALUE(dlse_c.sizes() == lse.sizes(), "dlse: expected shape ", shape_str(lse));
-    p.dlse = dlse_c.data_ptr();
-  }
-  p.dout = dout.data_ptr();
-  p.do_st = strides_of(dout);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_st = strides_of(dq);
-  p.dk_st = strides_of(dk);
-  p.dv_st = strides_of(dv);
-  p.delta = delta.data_ptr();
+  set_bwd(p, t, dlse);
   p.deterministic = true;
   cpu_bwd(p, dtype_of(q));
-  return {back(dq, q_in), back(dk, k_in), back(dv, v_in)};
+  return {back(t.dq, q_in), back(t.dk, k_in), back(t.dv, v_in)};
 }
 
 // --------------------------------------------------------------------------------------------- CUDA
@@ -320,51 +334,29 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   check_qkv(q_in, k_in, v_in);
   const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   const c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "dout, out: expected shape ",
-                    shape_str(q), ", got ", shape_str(dout_in), " and ", shape_str(out_in));
-  TORCH_CHECK_VALUE(lse_in.dim() == 3 && lse_in.size(0) == q.size(0) && lse_in.size(1) == q.size(1) &&
-                        lse_in.size(2) == q.size(2) && lse_in.scalar_type() == lse_type(q),
-                    "lse: expected ", lse_type(q), " of shape (B, Hq, Sq), got ", shape_str(lse_in));
+  check_bwd_shapes(q, dout_in, out_in, lse_in);
+  BwdTensors t;
   // dO arrives with whatever strides autograd made (an expanded scalar gradient has stride 0).
-  const Tensor dout = rows_aligned(dout_in.to(q.scalar_type()));
-  const Tensor out = rows_aligned(out_in);
-  const Tensor lse = lse_in.contiguous();
+  t.dout = rows_aligned(dout_in.to(q.scalar_type()));
+  t.out = rows_aligned(out_in);
+  t.lse = lse_in.contiguous();
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
-  Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
-  Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  t.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  t.dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  t.dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  if (q.numel() == 0 || k.numel() == 0) return {t.dq.zero_(), t.dk.zero_(), t.dv.zero_()};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, true, q);
-  Tensor delta = at::empty_like(lse);
-  Tensor dlse_c, dq_accum;
-  p.o = const_cast<void*>(out.data_ptr());
-  p.o_st = strides_of(out);
-  p.lse = const_cast<void*>(lse.data_ptr());
-  p.lse_b = lse.stride(0);
-  p.lse_h = lse.stride(1);
-  if (dlse.has_value()) {
-    dlse_c = dlse->to(lse.scalar_type()).contiguous();
-    TORCH_CHECK_VALUE(dlse_c.sizes() == lse.sizes(), "dlse: expected shape ", shape_str(lse));
-    p.dlse = dlse_c.data_ptr();
-  }
-  p.dout = dout.data_ptr();
-  p.do_st = strides_of(dout);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_st = strides_of(dq);
-  p.dk_st = strides_of(dk);
-  p.dv_st = strides_of(dv);
-  p.delta = delta.data_ptr();
+  set_bwd(p, t, dlse);
+  Tensor dq_accum;
   p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (hd) {
-    const TileShape t = tc_tiles(hd);
-    check_tiles(p, t.bwd_tq, t.bwd_tk, "tensor-core backward");
+    const TileShape tiles = tc_tiles(hd);
+    check_tiles(p, tiles.bwd_tq, tiles.bwd_tk, "tensor-core backward");
     if (!p.deterministic) {
-      dq_accum = at::zeros({q.size(0), q.size(1), cdiv(q.size(2), t.bwd_tq) * t.bwd_tq, hd},
+      dq_accum = at::zeros({q.size(0), q.size(1), cdiv(q.size(2), tiles.bwd_tq) * tiles.bwd_tq, hd},
                            q.options().dtype(at::kFloat));
       p.dq_accum = dq_accum.data_ptr<float>();
       p.dqa_b = dq_accum.stride(0);
@@ -376,7 +368,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
     check_tiles(p, kGenericTiles.bwd_tq, kGenericTiles.bwd_tk, "fp32/fp64 backward");
     generic_bwd(p, dtype_of(q), stream);
   }
-  return {dq, dk, dv};
+  return {t.dq, t.dk, t.dv};
 }
 #endif  // FA_WITH_CUDA
 
