@@ -134,3 +134,12 @@ def test_empty_sizes():
     q, k, v = make_qkv(1, 2, 2, 5, 0, 8)
     out, lse = fused_attn.flash(q, k, v, return_lse=True)
     assert torch.all(out == 0) and torch.all(torch.isinf(lse))
+
+
+def test_expanded_inputs():
+    # Stride 0 along the sequence (a broadcast row) is read in place, forward and backward.
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(1, 2, 1, 16, generator=g, dtype=torch.float64).expand(1, 2, 50, 16)
+    k = torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64).expand(1, 2, 40, 16)
+    check_all(q, k, v, causal=True)
