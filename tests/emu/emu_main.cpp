@@ -1,0 +1,587 @@
+// Host-emulator check of the CUDA kernels: runs the real launchers and kernels (as converted by
+// gen_kernels.py) on emu_runtime.h and compares out, lse, dq, dk, dv with a float64 reference.
+//
+// Build (run_all.py does this):
+//   tensor cores: g++ -std=c++20 -O2 -pthread -I shim -I build/gen -DEMU_ELEM=__half -DEMU_HD=64 emu_main.cpp
+//   fp32 / fp64:  g++ -std=c++20 -O2 -pthread -I shim -I build/gen -DEMU_GENERIC -DEMU_T=double emu_main.cpp
+// Run: ./binary [case-name-substring] [--order fwd|rev|random|free] [--eager] [--seed N] [-v]
+// Prints one line per (case, pass) and ends with "N passed, N failed"; exit status 1 on any failure.
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifdef EMU_GENERIC
+#include "cuda/generic.cu"
+using Elem = EMU_T;
+using Lse = EMU_T;
+constexpr int kHD = 0;
+#else
+#include "cuda/bwd_kernel.cuh"
+#include "cuda/fwd_kernel.cuh"
+using Elem = EMU_ELEM;
+using Lse = float;
+constexpr int kHD = EMU_HD;
+#endif
+
+using namespace fused_attn;
+
+// ------------------------------------------------------------------------------------------------
+// Element codecs and bit patterns
+
+constexpr bool kTc = sizeof(Elem) == 2;
+constexpr bool kBf16 = std::is_same<Elem, __nv_bfloat16>::value;
+
+double to_d(__half h) { return emu_f16_bits_to_f32(h.x); }
+double to_d(__nv_bfloat16 h) { return emu_bf16_bits_to_f32(h.x); }
+double to_d(float f) { return f; }
+double to_d(double f) { return f; }
+template <typename S>
+S from_d(double x) {
+  if constexpr (std::is_same<S, __half>::value) return __half{emu_f32_to_f16_bits(static_cast<float>(x))};
+  else if constexpr (std::is_same<S, __nv_bfloat16>::value) return __nv_bfloat16{emu_f32_to_bf16_bits(static_cast<float>(x))};
+  else return static_cast<S>(x);
+}
+// Padding of inputs: NaN, so that a kernel that reads past d (or past a row) and uses it shows NaN.
+template <typename S>
+S nan_pattern() {
+  S s;
+  std::memset(&s, 0xff, sizeof(S));
+  return s;
+}
+// Outputs start as this NaN pattern: still there afterwards = never written; in padding = untouched.
+template <typename S>
+S sentinel() {
+  S s;
+  if constexpr (sizeof(S) == 2) { const uint16_t b = 0x7fa5; std::memcpy(&s, &b, 2); }
+  else if constexpr (sizeof(S) == 4) { const uint32_t b = 0x7fa5a5a5u; std::memcpy(&s, &b, 4); }
+  else { const uint64_t b = 0x7ff5a5a5a5a5a5a5ull; std::memcpy(&s, &b, 8); }
+  return s;
+}
+template <typename S>
+bool same_bits(const S& a, const S& b) { return std::memcmp(&a, &b, sizeof(S)) == 0; }
+
+// ------------------------------------------------------------------------------------------------
+// A (B, H, S, D) tensor in a buffer with padded rows and either (B, H, S, D) or (B, S, H, D) storage.
+
+template <typename S>
+struct Tensor4 {
+  int64_t B = 0, H = 0, S_ = 0, D = 0;
+  Strides st;
+  std::vector<S> buf;
+  Tensor4(int64_t b, int64_t h, int64_t s, int64_t d, int64_t pad, bool bshd, S fill) : B(b), H(h), S_(s), D(d) {
+    const int64_t row = d + pad;
+    if (bshd) st = {s * h * row, row, h * row};
+    else st = {h * s * row, s * row, row};
+    buf.assign(static_cast<size_t>(b * st.b + 8), fill);  // + 8: a tail that must stay untouched
+  }
+  S& at(int64_t b, int64_t h, int64_t s, int64_t x) { return buf[st.at(b, h, s) + x]; }
+  bool logical(size_t idx) const {  // whether buffer index idx is an element of the tensor
+    if (idx >= static_cast<size_t>(B * st.b)) return false;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t s = 0; s < S_; ++s) {
+          const int64_t o = st.at(b, h, s);
+          if (static_cast<int64_t>(idx) >= o && static_cast<int64_t>(idx) < o + D) return true;
+        }
+    return false;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Cases
+
+struct Case {
+  std::string name;
+  int B, Hq, Hk, Sq, Sk, d;
+  int64_t left = -1, right = -1;
+  int bq = 0, bk = 0;        // block-sparse layout block size (0: dense)
+  bool layout_bcast = false;  // layout batch-broadcast (Bm = 1, batch stride 0)
+  bool dlse = false;
+  bool kv_bshd = false;  // k, v, dk, dv stored (B, S, H, D)
+};
+
+std::vector<Case> cases(int hd) {
+  const int full = hd ? hd : 64;
+  std::vector<Case> c;
+  c.push_back({"dense", 1, 2, 1, 130, 200, full, -1, -1, 0, 0, false, true, true});
+  c.push_back({"causal_sq_gt_sk", 1, 2, 2, 150, 97, hd ? full : 96, -1, 0});
+  c.push_back({"window_gqa_b2", 2, 4, 2, 77, 300, hd ? full : 40, 40, 10, 0, 0, false, true, false});
+  c.push_back({"sparse_partial", 2, 2, 1, 200, 150, hd ? full : 160, -1, -1, 16, 32, true, true, true});
+  c.push_back({"sparse_causal", 1, 2, 2, 193, 193, hd ? full : 256, -1, 0, 32, 16, false, false, false});
+  c.push_back({"single", 1, 1, 1, 1, 1, hd ? full : 1, -1, -1, 0, 0, false, true, false});
+  c.push_back({"ragged_small_d", 1, 2, 1, 97, 130, hd ? std::max(8, hd - 24) : 59, -1, -1, 0, 0, false, true, true});
+  return c;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Block layout and kernel-granularity lists, built the way fused_attn/_sparse.py's tile_lists does:
+// per (tile row, tile column) "any" over the layout blocks the tile meets (blocks past the layout count
+// as not allowed) and "all" (blocks past the layout count as allowed); entries: visible tiles first in
+// ascending order, code t when all, -t-1 when only some; then the invisible ones, also ascending.
+
+struct Layout {
+  int Bm, Hm, nqb, nkb, bq, bk;
+  std::vector<uint8_t> v;
+  uint8_t at(int b, int h, int i, int j) const { return v[((static_cast<size_t>(b) * Hm + h) * nqb + i) * nkb + j]; }
+};
+
+struct Lists {
+  int rows, cols;  // per (b, h): rows lists of cols entries
+  std::vector<int32_t> cnt, idx;
+};
+
+Lists tile_lists(const Layout& L, int tq, int tk, bool transposed) {
+  const int ntq = static_cast<int>(cdiv(static_cast<int64_t>(L.nqb) * L.bq, tq));
+  const int ntk = static_cast<int>(cdiv(static_cast<int64_t>(L.nkb) * L.bk, tk));
+  Lists out;
+  out.rows = transposed ? ntk : ntq;
+  out.cols = transposed ? ntq : ntk;
+  out.cnt.assign(static_cast<size_t>(L.Bm) * L.Hm * out.rows, 0);
+  out.idx.assign(static_cast<size_t>(L.Bm) * L.Hm * out.rows * out.cols, 0);
+  for (int b = 0; b < L.Bm; ++b)
+    for (int h = 0; h < L.Hm; ++h)
+      for (int r = 0; r < out.rows; ++r) {
+        std::vector<int32_t> vis, hid;
+        for (int c = 0; c < out.cols; ++c) {
+          const int qt = transposed ? c : r, kt = transposed ? r : c;
+          bool any = false, all = true;
+          for (int i = qt * tq / L.bq; i <= (qt * tq + tq - 1) / L.bq; ++i)
+            for (int j = kt * tk / L.bk; j <= (kt * tk + tk - 1) / L.bk; ++j) {
+              if (i >= L.nqb || j >= L.nkb) continue;
+              any |= L.at(b, h, i, j) != 0;
+              all &= L.at(b, h, i, j) != 0;
+            }
+          (any ? vis : hid).push_back(all ? c : -c - 1);
+        }
+        const size_t row = (static_cast<size_t>(b) * L.Hm + h) * out.rows + r;
+        out.cnt[row] = static_cast<int32_t>(vis.size());
+        vis.insert(vis.end(), hid.begin(), hid.end());
+        std::copy(vis.begin(), vis.end(), out.idx.begin() + row * out.cols);
+      }
+  return out;
+}
+
+TileList as_tile_list(const Lists& l, const Layout& L) {
+  TileList t;
+  t.cnt = l.cnt.data();
+  t.idx = l.idx.data();
+  t.cnt_b = L.Bm == 1 ? 0 : static_cast<int64_t>(L.Hm) * l.rows;
+  t.cnt_h = l.rows;
+  t.idx_b = L.Bm == 1 ? 0 : static_cast<int64_t>(L.Hm) * l.rows * l.cols;
+  t.idx_h = static_cast<int64_t>(l.rows) * l.cols;
+  t.idx_r = l.cols;
+  return t;
+}
+
+Layout make_layout(const Case& c, std::mt19937& rng) {
+  Layout L{c.layout_bcast ? 1 : c.B, c.Hq, static_cast<int>(cdiv(c.Sq, c.bq)), static_cast<int>(cdiv(c.Sk, c.bk)),
+           c.bq, c.bk, {}};
+  L.v.resize(static_cast<size_t>(L.Bm) * L.Hm * L.nqb * L.nkb);
+  // Regions of 64 x 64 elements are all on, all off or random, so that every kernel's tiles come out
+  // full, partial and empty; block row 0 is off (its query rows see nothing).
+  for (int b = 0; b < L.Bm; ++b)
+    for (int h = 0; h < L.Hm; ++h)
+      for (int i = 0; i < L.nqb; ++i)
+        for (int j = 0; j < L.nkb; ++j) {
+          const unsigned mode = (static_cast<unsigned>(i * c.bq / 64) * 7 + (j * c.bk / 64) * 3 + h + b) % 3;
+          uint8_t on = mode == 0 ? 1 : mode == 1 ? 0 : static_cast<uint8_t>(rng() % 2);
+          if (i == 0) on = 0;
+          L.v[((static_cast<size_t>(b) * L.Hm + h) * L.nqb + i) * L.nkb + j] = on;
+        }
+  return L;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reference (float64) and comparison
+
+struct Ref {
+  std::vector<double> o, lse, dq, dk, dv;  // logical (B, H, S, d), lse (B, Hq, Sq)
+  std::vector<uint8_t> row_sees, key_seen;  // (B, Hq, Sq), (B, Hk, Sk)
+};
+
+struct Stats {
+  long errors = 0;
+  double err = 0, ref_max = 0;
+  std::string first;
+  void fail(const std::string& s) {
+    if (errors++ == 0) first = s;
+  }
+};
+
+template <typename S>
+void compare(Stats& st, Tensor4<S>& t, const std::vector<double>& ref, const char* what,
+             const std::function<bool(int64_t, int64_t, int64_t)>& must_be_zero) {
+  std::vector<uint8_t> logical(t.buf.size(), 0);
+  for (int64_t b = 0; b < t.B; ++b)
+    for (int64_t h = 0; h < t.H; ++h)
+      for (int64_t s = 0; s < t.S_; ++s)
+        for (int64_t x = 0; x < t.D; ++x) {
+          logical[t.st.at(b, h, s) + x] = 1;
+          const S got = t.at(b, h, s, x);
+          const double r = ref[((b * t.H + h) * t.S_ + s) * t.D + x];
+          char msg[200];
+          if (same_bits(got, sentinel<S>())) {
+            std::snprintf(msg, sizeof msg, "%s[%lld,%lld,%lld,%lld] never written", what, (long long)b, (long long)h,
+                          (long long)s, (long long)x);
+            st.fail(msg);
+            continue;
+          }
+          const double g = to_d(got);
+          if (!std::isfinite(g) || (must_be_zero(b, h, s) && g != 0.0)) {
+            std::snprintf(msg, sizeof msg, "%s[%lld,%lld,%lld,%lld] = %g (want %g%s)", what, (long long)b,
+                          (long long)h, (long long)s, (long long)x, g, r,
+                          must_be_zero(b, h, s) ? ", exactly 0" : "");
+            st.fail(msg);
+            continue;
+          }
+          st.err = std::max(st.err, std::fabs(g - r));
+          st.ref_max = std::max(st.ref_max, std::fabs(r));
+        }
+  for (size_t i = 0; i < t.buf.size(); ++i)
+    if (!logical[i] && !same_bits(t.buf[i], sentinel<S>())) {
+      st.fail(std::string(what) + ": write outside the tensor (padding or past the end) at buffer index " +
+              std::to_string(i));
+      break;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+struct Totals {
+  int passed = 0, failed = 0;
+};
+
+// Bounds about 5x to 10x above the largest error seen over the whole matrix (tests/emu/README.md).
+double tolerance(const char* which) {
+  const bool grad = which[0] == 'd';
+  if (std::strcmp(which, "lse") == 0) return std::is_same<Elem, double>::value ? 1e-13 : 2e-6;
+  if (std::is_same<Elem, double>::value) return 1e-13;
+  if (std::is_same<Elem, float>::value) return grad ? 2e-5 : 1e-5;
+  if (kBf16) return grad ? 4e-2 : 2e-2;
+  return grad ? 5e-3 : 3e-3;
+}
+
+void report(Totals& tot, const Case& c, const char* pass, std::vector<std::pair<const char*, Stats>>& parts,
+            long emu_errors, const std::string& thrown) {
+  bool ok = emu_errors == 0 && thrown.empty();
+  std::string detail;
+  for (auto& [name, s] : parts) {
+    // Inputs are O(1): a reference that is (nearly) zero everywhere is measured against 1e-2, so the
+    // rounding of P and delta does not count as a failure there.
+    const double rel = s.err / std::max(s.ref_max, 1e-2);
+    const bool good = s.errors == 0 && rel <= tolerance(name);
+    ok &= good;
+    char buf[160];
+    std::snprintf(buf, sizeof buf, " %s %.1e%s", name, rel, good ? "" : "(!)");
+    detail += buf;
+    if (s.errors) detail += std::string(" [") + std::to_string(s.errors) + " bad: " + s.first + "]";
+  }
+  if (emu_errors) detail += " [" + std::to_string(emu_errors) + " emulator errors]";
+  if (!thrown.empty()) detail += " [threw: " + thrown + "]";
+  const char* dt = std::is_same<Elem, __half>::value ? "fp16" : kBf16 ? "bf16" : sizeof(Elem) == 4 ? "fp32" : "fp64";
+  std::printf("%s %s HD=%d d=%d %-16s %-9s:%s\n", ok ? "PASS" : "FAIL", dt, kHD, c.d, c.name.c_str(), pass,
+              detail.c_str());
+  std::fflush(stdout);
+  (ok ? tot.passed : tot.failed)++;
+}
+
+void run_case(const Case& c, unsigned seed, Totals& tot) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const int64_t pad = kTc ? 8 : 3;
+  const int G = c.Hq / c.Hk;
+  Tensor4<Elem> q(c.B, c.Hq, c.Sq, c.d, pad, false, nan_pattern<Elem>());
+  Tensor4<Elem> k(c.B, c.Hk, c.Sk, c.d, pad + 8, c.kv_bshd, nan_pattern<Elem>());
+  Tensor4<Elem> v(c.B, c.Hk, c.Sk, c.d, pad, c.kv_bshd, nan_pattern<Elem>());
+  Tensor4<Elem> dout(c.B, c.Hq, c.Sq, c.d, pad, true, nan_pattern<Elem>());
+  auto fill = [&](Tensor4<Elem>& t, double sd) {
+    for (int64_t b = 0; b < t.B; ++b)
+      for (int64_t h = 0; h < t.H; ++h)
+        for (int64_t s = 0; s < t.S_; ++s)
+          for (int64_t x = 0; x < t.D; ++x) t.at(b, h, s, x) = from_d<Elem>(sd * nd(rng));
+  };
+  fill(q, 1.0);
+  fill(k, 1.0);
+  fill(v, 1.0);
+  fill(dout, 1.0);
+  const size_t nrow = static_cast<size_t>(c.B) * c.Hq * c.Sq;
+  std::vector<Lse> dlse(nrow);
+  for (auto& x : dlse) x = static_cast<Lse>(0.5 * nd(rng));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.d)) * 1.3;
+
+  Layout L{};
+  if (c.bq) L = make_layout(c, rng);
+  auto sees = [&](int b, int h, int64_t i, int64_t j) {
+    const int64_t dd = j - i - (c.Sk - c.Sq);
+    if (c.left >= 0 && dd < -c.left) return false;
+    if (c.right >= 0 && dd > c.right) return false;
+    return !c.bq || L.at(L.Bm == 1 ? 0 : b, h, static_cast<int>(i / c.bq), static_cast<int>(j / c.bk)) != 0;
+  };
+
+  // Reference.
+  Ref R;
+  const auto qi = [&](int64_t b, int64_t h, int64_t s) { return ((b * c.Hq + h) * c.Sq + s) * c.d; };
+  const auto ki = [&](int64_t b, int64_t h, int64_t s) { return ((b * c.Hk + h) * c.Sk + s) * c.d; };
+  R.o.assign(nrow * c.d, 0);
+  R.dq.assign(nrow * c.d, 0);
+  R.lse.assign(nrow, -INFINITY);
+  R.dk.assign(static_cast<size_t>(c.B) * c.Hk * c.Sk * c.d, 0);
+  R.dv.assign(R.dk.size(), 0);
+  R.row_sees.assign(nrow, 0);
+  R.key_seen.assign(static_cast<size_t>(c.B) * c.Hk * c.Sk, 0);
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hq; ++h) {
+      const int hk = h / G;
+      for (int i = 0; i < c.Sq; ++i) {
+        std::vector<double> s(c.Sk, -INFINITY), pr(c.Sk, 0.0), dp(c.Sk, 0.0);
+        double mx = -INFINITY;
+        for (int j = 0; j < c.Sk; ++j) {
+          if (!sees(b, h, i, j)) continue;
+          double a = 0;
+          for (int x = 0; x < c.d; ++x) a += to_d(q.at(b, h, i, x)) * to_d(k.at(b, hk, j, x));
+          s[j] = a * scale;
+          mx = std::max(mx, s[j]);
+        }
+        if (mx == -INFINITY) continue;
+        const size_t row = (static_cast<size_t>(b) * c.Hq + h) * c.Sq + i;
+        R.row_sees[row] = 1;
+        double l = 0;
+        for (int j = 0; j < c.Sk; ++j)
+          if (s[j] > -INFINITY) l += std::exp(s[j] - mx);
+        R.lse[row] = mx + std::log(l);
+        for (int j = 0; j < c.Sk; ++j) {
+          if (s[j] == -INFINITY) continue;
+          pr[j] = std::exp(s[j] - mx) / l;
+          R.key_seen[(static_cast<size_t>(b) * c.Hk + hk) * c.Sk + j] = 1;
+          for (int x = 0; x < c.d; ++x) {
+            R.o[qi(b, h, i) + x] += pr[j] * to_d(v.at(b, hk, j, x));
+            dp[j] += to_d(dout.at(b, h, i, x)) * to_d(v.at(b, hk, j, x));
+          }
+        }
+        double delta = 0;
+        for (int x = 0; x < c.d; ++x) delta += to_d(dout.at(b, h, i, x)) * R.o[qi(b, h, i) + x];
+        const double dl = c.dlse ? to_d(dlse[row]) : 0.0;
+        for (int j = 0; j < c.Sk; ++j) {
+          if (pr[j] == 0) continue;
+          const double ds = pr[j] * (dp[j] - delta + dl);
+          for (int x = 0; x < c.d; ++x) {
+            R.dq[qi(b, h, i) + x] += scale * ds * to_d(k.at(b, hk, j, x));
+            R.dk[ki(b, hk, j) + x] += scale * ds * to_d(q.at(b, h, i, x));
+            R.dv[ki(b, hk, j) + x] += pr[j] * to_d(dout.at(b, h, i, x));
+          }
+        }
+      }
+    }
+  const auto row_empty = [&](int64_t b, int64_t h, int64_t s) {
+    return !R.row_sees[(static_cast<size_t>(b) * c.Hq + h) * c.Sq + s];
+  };
+  const auto key_unseen = [&](int64_t b, int64_t h, int64_t s) {
+    return !R.key_seen[(static_cast<size_t>(b) * c.Hk + h) * c.Sk + s];
+  };
+
+  // Parameters shared by both passes.
+  AttnParams p;
+  p.q = q.buf.data();
+  p.k = k.buf.data();
+  p.v = v.buf.data();
+  p.batch = c.B;
+  p.hq = c.Hq;
+  p.hk = c.Hk;
+  p.sq = c.Sq;
+  p.sk = c.Sk;
+  p.d = c.d;
+  p.q_st = q.st;
+  p.k_st = k.st;
+  p.v_st = v.st;
+  p.scale = scale;
+  p.window_left = c.left;
+  p.window_right = c.right;
+  const TileShape tiles = kTc ? tc_tiles(kHD) : kGenericTiles;
+  Lists fkv, bkv, bq;
+  if (c.bq) {
+    p.sparse = true;
+    p.layout.p = L.v.data();
+    p.layout.sb = L.Bm == 1 ? 0 : static_cast<int64_t>(L.Hm) * L.nqb * L.nkb;
+    p.layout.sh = static_cast<int64_t>(L.nqb) * L.nkb;
+    p.layout.sr = L.nkb;
+    p.layout.bq = c.bq;
+    p.layout.bk = c.bk;
+    fkv = tile_lists(L, tiles.fwd_tq, tiles.fwd_tk, false);
+    bkv = tile_lists(L, tiles.bwd_tq, tiles.bwd_tk, false);
+    bq = tile_lists(L, tiles.bwd_tq, tiles.bwd_tk, true);
+  }
+  auto register_inputs = [&] {
+    emu::clear_regions();
+    emu::add_region("q", q.buf.data(), q.buf.size() * sizeof(Elem), false);
+    emu::add_region("k", k.buf.data(), k.buf.size() * sizeof(Elem), false);
+    emu::add_region("v", v.buf.data(), v.buf.size() * sizeof(Elem), false);
+  };
+
+  // Forward.
+  Tensor4<Elem> o(c.B, c.Hq, c.Sq, c.d, pad, false, sentinel<Elem>());
+  Tensor4<Lse> lse(c.B, c.Hq, c.Sq, 1, 0, false, sentinel<Lse>());
+  {
+    AttnParams f = p;
+    f.o = o.buf.data();
+    f.o_st = o.st;
+    f.lse = lse.buf.data();
+    f.lse_b = static_cast<int64_t>(c.Hq) * c.Sq;
+    f.lse_h = c.Sq;
+    if (c.bq) {
+      f.list_tq = tiles.fwd_tq;
+      f.list_tk = tiles.fwd_tk;
+      f.kv_list = as_tile_list(fkv, L);
+    }
+    register_inputs();
+    emu::add_region("o", o.buf.data(), o.buf.size() * sizeof(Elem), true);
+    emu::add_region("lse", lse.buf.data(), lse.buf.size() * sizeof(Lse), true);
+    const long e0 = emu::g_errors.load();
+    std::string thrown;
+    try {
+#ifdef EMU_GENERIC
+      generic_fwd(f, sizeof(Elem) == 4 ? DType::f32 : DType::f64, nullptr);
+#else
+      tc_fwd_run<Elem, kHD>(f, nullptr);
+#endif
+    } catch (const std::exception& e) {
+      thrown = e.what();
+    }
+    std::vector<std::pair<const char*, Stats>> parts{{"out", {}}, {"lse", {}}};
+    compare(parts[0].second, o, R.o, "out", row_empty);
+    // lse: -inf exactly where the row sees nothing; compare the others in absolute terms.
+    Stats& ls = parts[1].second;
+    for (size_t r = nrow; r < lse.buf.size(); ++r)
+      if (!same_bits(lse.buf[r], sentinel<Lse>())) ls.fail("lse written past its end");
+    for (size_t r = 0; r < nrow; ++r) {
+      const double g = to_d(lse.buf[r]), w = R.lse[r];
+      if (same_bits(lse.buf[r], sentinel<Lse>())) {
+        ls.fail("lse[" + std::to_string(r) + "] never written");
+      } else if (!R.row_sees[r]) {
+        if (!(std::isinf(g) && g < 0)) ls.fail("lse of a row that sees nothing = " + std::to_string(g) + ", want -inf");
+      } else if (!std::isfinite(g)) {
+        ls.fail("lse non-finite for a row that sees keys");
+      } else {
+        ls.err = std::max(ls.err, std::fabs(g - w));
+        ls.ref_max = std::max(ls.ref_max, std::max(1.0, std::fabs(w)));
+      }
+    }
+    report(tot, c, "forward", parts, emu::g_errors.load() - e0, thrown);
+  }
+
+  // Backward: atomic dQ (tensor cores only; sm80 two-atomic path or sm90 vector atomic alternating by
+  // seed) and deterministic dQ.
+  const int modes = kTc ? 2 : 1;
+  for (int mode = 0; mode < modes; ++mode) {
+    const bool deterministic = !kTc || mode == 1;
+    AttnParams g = p;
+    Tensor4<Elem> dq(c.B, c.Hq, c.Sq, c.d, pad, false, sentinel<Elem>());
+    Tensor4<Elem> dk(c.B, c.Hk, c.Sk, c.d, pad, c.kv_bshd, sentinel<Elem>());
+    Tensor4<Elem> dv(c.B, c.Hk, c.Sk, c.d, pad, c.kv_bshd, sentinel<Elem>());
+    std::vector<Lse> delta(nrow + 8, sentinel<Lse>());
+    const int64_t rows_pad = kTc ? cdiv(c.Sq, tiles.bwd_tq) * tiles.bwd_tq : 0;
+    std::vector<float> dq_accum(kTc ? static_cast<size_t>(c.B) * c.Hq * rows_pad * kHD : 0, 0.f);
+    g.o = o.buf.data();
+    g.o_st = o.st;
+    g.lse = lse.buf.data();
+    g.lse_b = static_cast<int64_t>(c.Hq) * c.Sq;
+    g.lse_h = c.Sq;
+    g.dout = dout.buf.data();
+    g.do_st = dout.st;
+    g.dlse = c.dlse ? dlse.data() : nullptr;
+    g.dq = dq.buf.data();
+    g.dk = dk.buf.data();
+    g.dv = dv.buf.data();
+    g.dq_st = dq.st;
+    g.dk_st = dk.st;
+    g.dv_st = dv.st;
+    g.delta = delta.data();
+    g.deterministic = deterministic;
+    if (!deterministic) {
+      g.dq_accum = dq_accum.data();
+      g.dqa_h = rows_pad * kHD;
+      g.dqa_b = c.Hq * g.dqa_h;
+      g.dqa_s = kHD;
+    }
+    if (c.bq) {
+      g.list_tq = tiles.bwd_tq;
+      g.list_tk = tiles.bwd_tk;
+      g.kv_list = as_tile_list(bkv, L);
+      g.q_list = as_tile_list(bq, L);
+    }
+    register_inputs();
+    emu::add_region("out", o.buf.data(), o.buf.size() * sizeof(Elem), false);
+    emu::add_region("lse", lse.buf.data(), lse.buf.size() * sizeof(Lse), false);
+    emu::add_region("dout", dout.buf.data(), dout.buf.size() * sizeof(Elem), false);
+    emu::add_region("delta", delta.data(), delta.size() * sizeof(Lse), true);
+    if (!deterministic) emu::add_region("dq_accum", dq_accum.data(), dq_accum.size() * sizeof(float), true);
+    const int sm_saved = emu::g_cfg.sm;
+    if (!deterministic) emu::g_cfg.sm = (seed & 1) ? 90 : 80;
+    const long e0 = emu::g_errors.load();
+    std::string thrown;
+    try {
+#ifdef EMU_GENERIC
+      generic_bwd(g, sizeof(Elem) == 4 ? DType::f32 : DType::f64, nullptr);
+#else
+      tc_bwd_run<Elem, kHD>(g, nullptr);
+#endif
+    } catch (const std::exception& e) {
+      thrown = e.what();
+    }
+    emu::g_cfg.sm = sm_saved;
+    std::vector<std::pair<const char*, Stats>> parts{{"dq", {}}, {"dk", {}}, {"dv", {}}};
+    compare(parts[0].second, dq, R.dq, "dq", row_empty);
+    compare(parts[1].second, dk, R.dk, "dk", key_unseen);
+    compare(parts[2].second, dv, R.dv, "dv", key_unseen);
+    for (size_t i = nrow; i < delta.size(); ++i)
+      if (!same_bits(delta[i], sentinel<Lse>())) parts[0].second.fail("delta written past its end");
+    for (int64_t b = 0; b < c.B && !deterministic; ++b)
+      for (int64_t h = 0; h < c.Hq; ++h)
+        for (int64_t s = 0; s < rows_pad; ++s)
+          for (int64_t x = 0; x < kHD; ++x)
+            if ((s >= c.Sq || x >= c.d) && dq_accum[((b * c.Hq + h) * rows_pad + s) * kHD + x] != 0.f) {
+              parts[0].second.fail("dq_accum written outside rows < Sq, columns < d");
+              b = c.B;
+              h = c.Hq;
+              s = rows_pad;
+              break;
+            }
+    char pass[32];
+    std::snprintf(pass, sizeof pass, "%s", deterministic ? (kTc ? "bwd-det" : "backward")
+                                                         : (seed & 1) ? "bwd-sm90" : "bwd-sm80");
+    report(tot, c, pass, parts, emu::g_errors.load() - e0, thrown);
+  }
+}
+
+int main(int argc, char** argv) {
+  std::string filter;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--order" && i + 1 < argc) {
+      const std::string o = argv[++i];
+      emu::g_cfg.order = o == "fwd" ? emu::Order::serial_fwd : o == "rev" ? emu::Order::serial_rev
+                         : o == "free" ? emu::Order::free : emu::Order::serial_random;
+    } else if (a == "--eager") {
+      emu::g_cfg.eager_copy = true;
+    } else if (a == "--seed" && i + 1 < argc) {
+      emu::g_cfg.seed = static_cast<unsigned>(std::stoul(argv[++i]));
+    } else if (a == "-v") {
+      emu::g_cfg.verbose = 1;
+    } else {
+      filter = a;
+    }
+  }
+  Totals tot;
+  const auto cs = cases(kHD);
+  for (size_t i = 0; i < cs.size(); ++i)
+    if (filter.empty() || cs[i].name.find(filter) != std::string::npos)
+      run_case(cs[i], emu::g_cfg.seed * 1000u + static_cast<unsigned>(i), tot);
+  std::printf("%d passed, %d failed\n", tot.passed, tot.failed);
+  return tot.failed ? 1 : 0;
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Build and run the whole host-emulator matrix (tests/emu/README.md): the tensor-core kernels for every
+head dim in tiles.h's kTcHeadDims and both fp16 and bf16, and the fp32 / fp64 generic kernels. Not part of
+the default test suite (about 15 minutes on 2 cores); a pre-GPU check run by hand:
+
+    python3 tests/emu/run_all.py                 # everything
+    python3 tests/emu/run_all.py --hd 64 --dtype bf16 --case sparse
+    python3 tests/emu/run_all.py --order rev --eager   # another warp order / copy timing
+
+Builds run one at a time (a shared machine) and only when a source changed. Ends with the line
+"N passed, N failed" (one unit = one case and pass of one binary); exit status 1 on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+BUILD = HERE / "build"
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+TC = {"fp16": "__half", "bf16": "__nv_bfloat16"}
+GENERIC = {"fp32": "float", "fp64": "double"}
+
+
+def targets(hds, dtypes):
+    for dt in dtypes:
+        if dt in TC:
+            for hd in hds:
+                yield f"emu_{dt}_hd{hd}", [f"-DEMU_ELEM={TC[dt]}", f"-DEMU_HD={hd}"]
+        else:
+            yield f"emu_{dt}", ["-DEMU_GENERIC", f"-DEMU_T={GENERIC[dt]}"]
+
+
+def build(name, defs, cxx, sanitize):
+    exe = BUILD / (name + ("_asan" if sanitize else ""))
+    deps = [HERE / "emu_main.cpp", HERE / "emu_runtime.h", *(HERE / "shim").glob("*.h"),
+            *(BUILD / "gen").rglob("*")]
+    if exe.exists() and exe.stat().st_mtime > max(p.stat().st_mtime for p in deps if p.is_file()):
+        return exe
+    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-I", str(HERE / "shim"), "-I", str(BUILD / "gen"), *defs,
+           str(HERE / "emu_main.cpp"), "-o", str(exe)]
+    if sanitize:
+        cmd[3:3] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    print("build:", " ".join(cmd[-3:-2] + defs), flush=True)
+    subprocess.run(cmd, check=True)
+    return exe
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hd", type=int, nargs="*", default=list(HEAD_DIMS), help="tensor-core head dims")
+    ap.add_argument("--dtype", nargs="*", default=[*TC, *GENERIC], choices=[*TC, *GENERIC])
+    ap.add_argument("--case", default="", help="only cases whose name contains this")
+    ap.add_argument("--order", default="random", choices=["random", "fwd", "rev", "free"],
+                    help="warp order between barriers (free: all warps at once)")
+    ap.add_argument("--eager", action="store_true", help="cp.async lands at issue instead of at the wait")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--asan", action="store_true", help="build with AddressSanitizer (plain global accesses)")
+    ap.add_argument("--cxx", default=os.environ.get("CXX", "g++"))
+    args = ap.parse_args()
+    bad = [h for h in args.hd if h not in HEAD_DIMS]
+    if bad:
+        ap.error(f"--hd: {bad} not in {HEAD_DIMS}")
+
+    t0 = time.time()
+    BUILD.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, str(HERE / "gen_kernels.py")], check=True)
+    passed = failed = 0
+    for name, defs in targets(args.hd, args.dtype):
+        exe = build(name, defs, args.cxx, args.asan)
+        cmd = [str(exe), "--order", args.order, "--seed", str(args.seed)] + (["--eager"] if args.eager else [])
+        if args.case:
+            cmd.append(args.case)
+        t = time.time()
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = r.stdout.splitlines()
+        for line in lines:
+            if not re.fullmatch(r"\d+ passed, \d+ failed", line):
+                print(line)
+        m = next((re.fullmatch(r"(\d+) passed, (\d+) failed", l) for l in reversed(lines)
+                  if re.fullmatch(r"(\d+) passed, (\d+) failed", l)), None)
+        if m is None:  # crashed or hung: count the binary as one failure
+            print(f"FAIL {name}: exited with status {r.returncode} before its summary")
+            failed += 1
+        else:
+            passed += int(m.group(1))
+            failed += int(m.group(2))
+        print(f"-- {name}: {time.time() - t:.0f} s", flush=True)
+    print(f"total time {time.time() - t0:.0f} s")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
