@@ -2,7 +2,9 @@
 # GPU validation in one call, for a GPU machine without network (python3 there already holds torch):
 # build, CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases, the GPU benchmark.
 # Everything lands in one folder ($OUT, or bench/results/gpu_run), with a summary at the end.
-#   bash bench/gpu_check.sh [build|test|sanitize|bench ...]   (default: all stages)
+#   bash bench/gpu_check.sh [build|test|sanitize|bench|bench-dense|bench-rest ...]   (default: all stages)
+# Each stage fits one 10-minute device call; `bench` is bench-dense then bench-rest (FlexAttention
+# compiles once per shape, which is most of the benchmark's time).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_run}
@@ -44,11 +46,15 @@ for stage in $STAGES; do
         note "compute-sanitizer $tool: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done
       ;;
-    bench)
-      $PY bench/bench.py --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+    bench|bench-dense|bench-rest)
+      groups=dense,window,sparse,memory
+      merge=
+      [ "$stage" = bench-dense ] && groups=dense
+      [ "$stage" = bench-rest ] && { groups=window,sparse,memory; merge=--merge; }
+      $PY bench/bench.py --groups $groups $merge --out "$OUT/bench" > "$OUT/$stage.log" 2>&1
       rc=$?
-      note "bench: rc=$rc in $(( $(date +%s) - t0 )) s"
-      tail -60 "$OUT/bench.log"
+      note "$stage: rc=$rc in $(( $(date +%s) - t0 )) s"
+      tail -60 "$OUT/$stage.log"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
