@@ -213,9 +213,11 @@ bool env_deterministic() {
 
 // ---------------------------------------------------------------------------------------------- CPU
 
-// fp16/bf16 run through the fp32 kernels: the CPU has no fast half arithmetic to use.
+// fp16/bf16 run through the fp32 kernels: the CPU has no fast half arithmetic to use. Rows closer than
+// D apart (a tensor expanded along S) are copied: the tile GEMMs need a leading dimension >= D.
 Tensor cpu_compute(const Tensor& t) {
-  return (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) ? t.to(at::kFloat) : t;
+  const Tensor c = (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) ? t.to(at::kFloat) : t;
+  return (c.dim() == 4 && c.size(2) > 1 && c.stride(2) < c.size(3)) ? c.contiguous() : c;
 }
 
 std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,

@@ -3,9 +3,9 @@
 // Structure: one task per (batch, kv head, chunk of key tiles). For each key tile it owns, the task walks
 // the query tiles that mask.h lists for every query head of the GQA group (QueryTiles) and does, on tiles
 // stored key-major (rows = keys, columns = queries):
-//   S^T  = K_tile (scale Q_tile)^T          P^T = exp(S^T - lse)        (in base 2, see tile_math.h)
-//   dV  += P^T dO                           dP^T = V_tile dO_tile^T
-//   dS^T = scale * P^T * (dP^T - delta)     dK  += dS^T Q
+//   S^T  = K_tile (scale Q_tile)^T          dP^T = V_tile dO_tile^T
+//   P^T = exp(S^T - lse), dS^T = scale * P^T * (dP^T - delta)   (one pass over both tiles; base 2)
+//   dV  += P^T dO                           dK  += dS^T Q
 //   dQ^T += K_tile^T dS^T                   (into the chunk's own dQ^T buffer)
 // dK and dV of a key tile are finished in cache by one task. dQ is accumulated by the single task that
 // owns (batch, kv head, chunk) into that chunk's buffer, and the chunks are summed in a fixed order at the
@@ -34,6 +34,9 @@ constexpr double kLog2e = 1.4426950408889634074;
 // fp32, one thread, forward + backward time relative to torch SDPA, dense / causal (notes/cpu_kernels.md):
 // (tq, tk) = 64x64 0.99 / 0.92, 64x128 0.96 / 0.86, 128x128 0.97 / 0.84, 64x256 0.98 / 0.86. Alone, the
 // five tile GEMMs run at 146 GFLOP/s with 64x64 tiles and 156 with 64x128 (oneDNN brgemm, one core).
+// Re-swept after the tile-blocked transposed copies (backward alone, one thread, 3 runs each, loaded
+// machine, +-5%): SDPA/ours 64x128 1.06, 128x128 1.10, 64x256 1.09, 64x64 0.98, 128x64 1.02; the three
+// best are within noise, so 64x128 stays (fewer masked elements on causal / window edges than 256).
 constexpr int64_t kBwdTileQ = 64;
 constexpr int64_t kBwdTileK = 128;
 
@@ -73,11 +76,16 @@ void bwd_impl(const AttnParams& p) {
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
 
-  // Pre-pass per (b, query head): delta = rowsum(dO * O); qt = scale * log2(e) * Q^T and dot = dO^T,
-  // (D x Sq); lse_adj = log2(e) * lse, or +inf for rows that see nothing (then P = 2^(s - lse_adj) = 0,
-  // never inf or NaN). Scores are in base 2 as in the forward (tile_math.h).
-  const int64_t ldq = cpu::padded_ld(sq), ldk = cpu::padded_ld(sk);
-  const int64_t qhead = d * ldq, khead = d * ldk;
+  // Pre-pass per (b, query head): delta = rowsum(dO * O); qt = scale * log2(e) * Q^T and dot = dO^T;
+  // lse_adj = log2(e) * lse, or +inf for rows that see nothing (then P = 2^(s - lse_adj) = 0, never inf or
+  // NaN). Scores are in base 2 as in the forward (tile_math.h).
+  // The transposed copies (qt, dot, kt and the dQ^T accumulators) are stored tile by tile: one contiguous
+  // (D x tq) block per query tile (D x tk per key tile), leading dimension tq (tk). With one (D x S) matrix
+  // per head instead, each GEMM operand row sat on its own 4 KiB page (ld ~ S), ~200 pages per tile step
+  // against an L1 DTLB of 64-96 entries; see notes/cpu_kernels.md for the measured gain.
+  const int64_t nqt = cdiv(sq, tq);
+  const int64_t qblk = d * tq, kblk = d * tk;
+  const int64_t qhead = nqt * qblk, khead = nkt * kblk;
   std::unique_ptr<T[]> qt(new T[nb * hq * qhead]), dot(new T[nb * hq * qhead]), kt(new T[nb * hk * khead]);
   std::unique_ptr<T[]> lse_adj(new T[nb * hq * sq]);
   at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
@@ -86,23 +94,29 @@ void bwd_impl(const AttnParams& p) {
       const T* lrow = lse + b * p.lse_b + h * p.lse_h;
       T* drow = delta + b * p.lse_b + h * p.lse_h;
       T* arow = lse_adj.get() + bh * sq;
+      // lse_b / lse_h are strides of contiguous (B, H, S) tensors: row i sits at offset i.
+      cpu::row_dots(o + p.o_st.at(b, h, 0), p.o_st.s, dout + p.do_st.at(b, h, 0), p.do_st.s, sq, d, drow);
       for (int64_t i = 0; i < sq; ++i) {
-        const T* oi = o + p.o_st.at(b, h, i);
-        const T* gi = dout + p.do_st.at(b, h, i);
-        T acc = 0;
-        for (int64_t c = 0; c < d; ++c) acc += oi[c] * gi[c];
         // A gradient reaching lse (return_lse=True) adds dlse_i * P_ij to dS_ij: fold it into delta.
-        drow[i] = p.dlse ? acc - static_cast<const T*>(p.dlse)[b * p.lse_b + h * p.lse_h + i] : acc;
+        if (p.dlse) drow[i] -= static_cast<const T*>(p.dlse)[b * p.lse_b + h * p.lse_h + i];
         arow[i] = lrow[i] == -kInf ? kInf : lrow[i] * l2e;
       }
-      cpu::transpose_scaled(q + p.q_st.at(b, h, 0), p.q_st.s, sq, d, qt.get() + bh * qhead, ldq, qscale);
-      cpu::transpose_scaled(dout + p.do_st.at(b, h, 0), p.do_st.s, sq, d, dot.get() + bh * qhead, ldq, T(1));
+      for (int64_t qi = 0; qi < nqt; ++qi) {
+        const int64_t q0 = qi * tq, qn = imin(tq, sq - q0);
+        T* qdst = qt.get() + bh * qhead + qi * qblk;
+        T* gdst = dot.get() + bh * qhead + qi * qblk;
+        cpu::transpose_scaled(q + p.q_st.at(b, h, q0), p.q_st.s, qn, d, qdst, tq, qscale);
+        cpu::transpose_scaled(dout + p.do_st.at(b, h, q0), p.do_st.s, qn, d, gdst, tq, T(1));
+      }
     }
   });
   at::parallel_for(0, nb * hk, 1, [&](int64_t beg, int64_t end) {
     for (int64_t bh = beg; bh < end; ++bh)
-      cpu::transpose_scaled(k + p.k_st.at(bh / hk, bh % hk, 0), p.k_st.s, sk, d, kt.get() + bh * khead, ldk,
-                            T(1));
+      for (int64_t ki = 0; ki < nkt; ++ki) {
+        const int64_t k0 = ki * tk, kn = imin(tk, sk - k0);
+        cpu::transpose_scaled(k + p.k_st.at(bh / hk, bh % hk, k0), p.k_st.s, kn, d,
+                              kt.get() + bh * khead + ki * kblk, tk, T(1));
+      }
   });
 
   const int64_t dq_elems = nb * hq * qhead;
@@ -154,15 +168,15 @@ void bwd_impl(const AttnParams& p) {
           const int64_t qn = imin(tq, sq - q0);
           const int64_t row0 = b * p.lse_b + h * p.lse_h + q0;
 
-          cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + bh * qhead + q0, ldq, st, tq, false);
+          const int64_t qoff = bh * qhead + vis.tile * qblk;
+          cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + qoff, tq, st, tq, false);
           if (tile_needs_mask(p, vis, q0, q0 + qn, k0, k0 + kn))
             cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, st, tq, true);
-          cpu::probs(st, kn, qn, tq, lse_adj.get() + bh * sq + q0);
+          cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + qoff, tq, dpt, tq, false);
+          cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + bh * sq + q0, delta + row0, scale);
           cpu::gemm(kn, d, qn, st, tq, dout + p.do_st.at(b, h, q0), p.do_st.s, dva, d, started);
-          cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + bh * qhead + q0, ldq, dpt, tq, false);
-          cpu::dsoft(dpt, st, kn, qn, tq, delta + row0, scale);
           cpu::gemm(kn, d, qn, dpt, tq, q + p.q_st.at(b, h, q0), p.q_st.s, dka, d, started);
-          cpu::gemm(d, qn, kn, kth + k0, ldk, dpt, tq, dqt_grp + hh * qhead + q0, ldq, true);
+          cpu::gemm(d, qn, kn, kth + kti * kblk, tk, dpt, tq, dqt_grp + hh * qhead + vis.tile * qblk, tq, true);
           started = true;
         }
       }
@@ -184,11 +198,14 @@ void bwd_impl(const AttnParams& p) {
 
   // dQ = sum over chunks (in chunk order) of dQ^T, transposed back into dq's strides.
   at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
-    for (int64_t bh = beg; bh < end; ++bh) {
-      T* dst = dq + p.dq_st.at(bh / hq, bh % hq, 0);
-      for (int64_t c = 0; c < nchunk; ++c)
-        cpu::transpose_scaled(dqt.get() + c * dq_elems + bh * qhead, ldq, d, sq, dst, p.dq_st.s, T(1), c > 0);
-    }
+    for (int64_t bh = beg; bh < end; ++bh)
+      for (int64_t qi = 0; qi < nqt; ++qi) {
+        const int64_t q0 = qi * tq, qn = imin(tq, sq - q0);
+        T* dst = dq + p.dq_st.at(bh / hq, bh % hq, q0);
+        for (int64_t c = 0; c < nchunk; ++c)
+          cpu::transpose_scaled(dqt.get() + c * dq_elems + bh * qhead + qi * qblk, tq, d, qn, dst, p.dq_st.s,
+                                T(1), c > 0);
+      }
   });
 }
 

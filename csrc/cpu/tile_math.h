@@ -299,53 +299,138 @@ inline void softmax_step(double* s, int64_t rows, int64_t cols, int64_t ld, doub
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward, on transposed tiles (rows = keys, cols = queries):
-//   probs:  s[r][c] <- 2^(s[r][c] - lse_adj[c])   (base 2: s and lse_adj carry a factor log2(e);
-//                                                   lse_adj = +inf for rows that see nothing, so P = 0)
-//   dsoft:  dp[r][c] <- scale * p[r][c] * (dp[r][c] - delta[c])
+// Backward, on transposed tiles (rows = keys, cols = queries), one pass over the S^T and dP^T tiles:
+//   s[r][c]  <- P = 2^(s[r][c] - lse_adj[c])   (base 2: s and lse_adj carry a factor log2(e);
+//                                                lse_adj = +inf for rows that see nothing, so P = 0)
+//   dp[r][c] <- scale * P * (dp[r][c] - delta[c])
+// Fused (the dP^T GEMM now runs before it) so dS uses P from registers instead of re-reading the 32 KiB
+// P tile that the dP^T GEMM had pushed out of L1; measured together with the tile-blocked layout.
 
-FA_CPU_CLONES static void probs_f32(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_adj) {
+FA_CPU_CLONES static void probs_dsoft_f32(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld,
+                                          const float* lse_adj, const float* delta, float scale) {
   const int64_t cv = cols - cols % vec::kW;
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ld;
-    for (int64_t c = 0; c < cv; c += vec::kW)
-      vec::store(row + c, vec::exp2(vec::load(row + c) - vec::load(lse_adj + c)));
+    float* srow = s + r * ld;
+    float* drow = dp + r * ld;
+    for (int64_t c = 0; c < cv; c += vec::kW) {
+      const vec::f16 pr = vec::exp2(vec::load(srow + c) - vec::load(lse_adj + c));
+      vec::store(srow + c, pr);
+      vec::store(drow + c, (pr * scale) * (vec::load(drow + c) - vec::load(delta + c)));
+    }
     if (cv < cols) {
       const int64_t n = cols - cv;
-      const vec::f16 x = vec::load_part(row + cv, n, 0.0f) - vec::load_part(lse_adj + cv, n, 0.0f);
-      vec::store_part(row + cv, vec::exp2(x), n);
+      const vec::f16 x = vec::load_part(srow + cv, n, 0.0f) - vec::load_part(lse_adj + cv, n, 0.0f);
+      const vec::f16 pr = vec::exp2(x);
+      vec::store_part(srow + cv, pr, n);
+      const vec::f16 g = vec::load_part(drow + cv, n, 0.0f) - vec::load_part(delta + cv, n, 0.0f);
+      vec::store_part(drow + cv, (pr * scale) * g, n);
     }
   }
 }
 
-FA_CPU_CLONES static void dsoft_f32(float* dp, const float* pr, int64_t rows, int64_t cols, int64_t ld,
-                                    const float* delta, float scale) {
-  const int64_t cv = cols - cols % vec::kW;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* drow = dp + r * ld;
-    const float* prow = pr + r * ld;
-    for (int64_t c = 0; c < cv; c += vec::kW)
-      vec::store(drow + c, (vec::load(prow + c) * scale) * (vec::load(drow + c) - vec::load(delta + c)));
-    for (int64_t c = cv; c < cols; ++c) drow[c] = (prow[c] * scale) * (drow[c] - delta[c]);
+inline void probs_dsoft(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld, const float* lse_adj,
+                        const float* delta, float scale) {
+  probs_dsoft_f32(s, dp, rows, cols, ld, lse_adj, delta, scale);
+}
+inline void probs_dsoft(double* s, double* dp, int64_t rows, int64_t cols, int64_t ld, const double* lse_adj,
+                        const double* delta, double scale) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const double pr = std::exp2(s[r * ld + c] - lse_adj[c]);
+      s[r * ld + c] = pr;
+      dp[r * ld + c] = (pr * scale) * (dp[r * ld + c] - delta[c]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// fp32 transposes and row dots for the pre/post passes. The scalar 16x16-block transpose above cost ~3% of
+// the backward (perf, one thread, B1 H8 S2048 D64: Q, dO, K in and dQ out, 4M elements per call); here a
+// full 16x16 block is transposed in registers by four butterfly stages of two-source shuffles.
+
+namespace vec {
+// Stage with stride s on rows a (bit s clear) and b = a + s: elements whose column bit s differs from the
+// row bit s swap places, so after s = 1, 2, 4, 8 element (r, c) sits at (c, r).
+FA_CPU_INLINE void bfly(f16& a, f16& b, int s) {
+  f16 x, y;
+  switch (s) {
+    case 1:
+      x = __builtin_shuffle(a, b, i16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30});
+      y = __builtin_shuffle(a, b, i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+      break;
+    case 2:
+      x = __builtin_shuffle(a, b, i16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29});
+      y = __builtin_shuffle(a, b, i16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+      break;
+    case 4:
+      x = __builtin_shuffle(a, b, i16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27});
+      y = __builtin_shuffle(a, b, i16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+      break;
+    default:
+      x = __builtin_shuffle(a, b, i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
+      y = __builtin_shuffle(a, b, i16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+      break;
+  }
+  a = x;
+  b = y;
+}
+}  // namespace vec
+
+FA_CPU_CLONES static void transpose_scaled_f32(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                                               float* dst, int64_t ld_dst, float scale, bool accumulate) {
+  constexpr int64_t kB = vec::kW;
+  const int64_t rv = rows - rows % kB, cv = cols - cols % kB;
+  for (int64_t r0 = 0; r0 < rv; r0 += kB)
+    for (int64_t c0 = 0; c0 < cv; c0 += kB) {
+      vec::f16 t[kB];
+      for (int64_t i = 0; i < kB; ++i) t[i] = vec::load(src + (r0 + i) * ld_src + c0) * scale;
+      for (int s = 1; s < kB; s *= 2)
+        for (int64_t i = 0; i < kB; ++i)
+          if (!(i & s)) vec::bfly(t[i], t[i + s], s);
+      for (int64_t i = 0; i < kB; ++i) {
+        float* out = dst + (c0 + i) * ld_dst + r0;
+        vec::store(out, accumulate ? vec::load(out) + t[i] : t[i]);
+      }
+    }
+  // Edges (rows or cols not a multiple of 16): element by element.
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < rv ? cv : 0; c < cols; ++c) {
+      float& out = dst[c * ld_dst + r];
+      out = accumulate ? out + scale * src[r * ld_src + c] : scale * src[r * ld_src + c];
+    }
+}
+
+inline void transpose_scaled(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+                             int64_t ld_dst, float scale, bool accumulate = false) {
+  transpose_scaled_f32(src, ld_src, rows, cols, dst, ld_dst, scale, accumulate);
+}
+
+// out[i] = sum_c a[i][c] * b[i][c] for n rows of length d (strides lda, ldb): the backward's delta.
+// 16-lane partial sums; the scalar loop this replaces was one serial add chain per row.
+FA_CPU_CLONES static void row_dots_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n,
+                                       int64_t d, float* out) {
+  const int64_t dv = d - d % vec::kW;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* ai = a + i * lda;
+    const float* bi = b + i * ldb;
+    vec::f16 acc = vec::splat(0.0f);
+    for (int64_t c = 0; c < dv; c += vec::kW) acc += vec::load(ai + c) * vec::load(bi + c);
+    float sum = vec::hsum(acc);
+    for (int64_t c = dv; c < d; ++c) sum += ai[c] * bi[c];
+    out[i] = sum;
   }
 }
 
-inline void probs(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_adj) {
-  probs_f32(s, rows, cols, ld, lse_adj);
+inline void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d,
+                     float* out) {
+  row_dots_f32(a, lda, b, ldb, n, d, out);
 }
-inline void probs(double* s, int64_t rows, int64_t cols, int64_t ld, const double* lse_adj) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) s[r * ld + c] = std::exp2(s[r * ld + c] - lse_adj[c]);
-}
-inline void dsoft(float* dp, const float* pr, int64_t rows, int64_t cols, int64_t ld, const float* delta,
-                  float scale) {
-  dsoft_f32(dp, pr, rows, cols, ld, delta, scale);
-}
-inline void dsoft(double* dp, const double* pr, int64_t rows, int64_t cols, int64_t ld, const double* delta,
-                  double scale) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      dp[r * ld + c] = (pr[r * ld + c] * scale) * (dp[r * ld + c] - delta[c]);
+inline void row_dots(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t n, int64_t d,
+                     double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    double sum = 0;
+    for (int64_t c = 0; c < d; ++c) sum += a[i * lda + c] * b[i * ldb + c];
+    out[i] = sum;
+  }
 }
 
 }  // namespace cpu
