@@ -148,6 +148,30 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__
   }
 }
 
+// acc (16 x 8NT, fp32) = A . B^T for one warp: A is 16 rows x HD at uA (ldmatrix lanes L16), B is 8NT rows
+// x HD at uB (lanes L82), both Elem in swizzled shared memory. The dQ kernel's S = Q K^T and dP = dO V^T.
+template <typename Elem, int HD, int NT>
+__device__ __forceinline__ void warp_abt(float (&acc)[NT][4], uint32_t uA, uint32_t uB, const tc::LdsmLane<HD>& L16,
+                                         const tc::LdsmLane<HD>& L82) {
+  using namespace tc;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(uA + L16(0, 2 * kk), a);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4(uB + L82(16 * np, 2 * kk), b);
+      mma16816<Elem>(acc[2 * np], a, b[0], b[1]);
+      mma16816<Elem>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The (query head, query tile) items of one key tile, in order: heads h0 .. h0 + group - 1, each with the
 // tiles of its QueryTiles list; entries with tile = -1 (sparse, outside the band) are skipped.
@@ -602,22 +626,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
 
     // S = Q K^T: 16 rows x TKS keys.
     float s[TKS / 8][4];
-#pragma unroll
-    for (int n = 0; n < TKS / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(uQw + L16(0, 2 * kk), a);
-#pragma unroll
-      for (int np = 0; np < TKS / 16; ++np) {
-        uint32_t bk[4];
-        ldsm_x4(uKs + L82(16 * np, 2 * kk), bk);
-        mma16816<Elem>(s[2 * np], a, bk[0], bk[1]);
-        mma16816<Elem>(s[2 * np + 1], a, bk[2], bk[3]);
-      }
-    }
+    warp_abt<Elem>(s, uQw, uKs, L16, L82);
 #pragma unroll
     for (int n = 0; n < TKS / 8; ++n)
 #pragma unroll
@@ -628,22 +637,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
 
     // dP = dO V^T, then dS = P * (dP - delta).
     float dp[TKS / 8][4];
-#pragma unroll
-    for (int n = 0; n < TKS / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dp[n][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(udOw + L16(0, 2 * kk), a);
-#pragma unroll
-      for (int np = 0; np < TKS / 16; ++np) {
-        uint32_t bv[4];
-        ldsm_x4(uVs + L82(16 * np, 2 * kk), bv);
-        mma16816<Elem>(dp[2 * np], a, bv[0], bv[1]);
-        mma16816<Elem>(dp[2 * np + 1], a, bv[2], bv[3]);
-      }
-    }
+    warp_abt<Elem>(dp, udOw, uVs, L16, L82);
 #pragma unroll
     for (int n = 0; n < TKS / 8; ++n)
 #pragma unroll

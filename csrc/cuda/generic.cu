@@ -563,26 +563,19 @@ struct Bwd {
 
 }  // namespace
 
-void generic_fwd(const AttnParams& p, DType dt, cudaStream_t stream) {
-  check_params(p, "generic_fwd");
+template <template <typename, int> class Impl>
+void by_dtype(const AttnParams& p, DType dt, cudaStream_t stream, const char* name) {
+  check_params(p, name);
   switch (dt) {
-    case DType::f32: return by_head_dim<float, Fwd>(p, stream);
-    case DType::f64: return by_head_dim<double, Fwd>(p, stream);
+    case DType::f32: return by_head_dim<float, Impl>(p, stream);
+    case DType::f64: return by_head_dim<double, Impl>(p, stream);
     default:
-      throw std::invalid_argument(std::string("generic_fwd: dtype ") + dtype_name(dt) +
-                                  ", expected f32 or f64 (f16/bf16 run on tc_fwd)");
+      throw std::invalid_argument(std::string(name) + ": dtype " + dtype_name(dt) +
+                                  ", expected f32 or f64 (f16/bf16 run on the tensor-core kernels)");
   }
 }
 
-void generic_bwd(const AttnParams& p, DType dt, cudaStream_t stream) {
-  check_params(p, "generic_bwd");
-  switch (dt) {
-    case DType::f32: return by_head_dim<float, Bwd>(p, stream);
-    case DType::f64: return by_head_dim<double, Bwd>(p, stream);
-    default:
-      throw std::invalid_argument(std::string("generic_bwd: dtype ") + dtype_name(dt) +
-                                  ", expected f32 or f64 (f16/bf16 run on tc_bwd)");
-  }
-}
+void generic_fwd(const AttnParams& p, DType dt, cudaStream_t stream) { by_dtype<Fwd>(p, dt, stream, "generic_fwd"); }
+void generic_bwd(const AttnParams& p, DType dt, cudaStream_t stream) { by_dtype<Bwd>(p, dt, stream, "generic_bwd"); }
 
 }  // namespace fused_attn
