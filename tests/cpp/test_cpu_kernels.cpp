@@ -1,5 +1,5 @@
 // Standalone test of the CPU kernels (csrc/cpu) in fp64 against a naive O(Sq * Sk) fp64 attention written
-// here from the rule in notes/HELPERS.md (not from mask.h, so the two can disagree and the test can fail).
+// here from the rule in the README ("Which key a query sees") (not from mask.h, so the two can disagree and the test can fail).
 // Builds AttnParams itself, links libtorch only for ATen's parallel_for and cpublas; no torch tensors.
 // Prints one line per case and "N passed, N failed"; exit status 1 on any failure.
 #include <algorithm>
