@@ -193,13 +193,19 @@ def main() -> int:
     for f in ("params.h", "mask.h", "kernels.h"):
         shutil.copyfile(CSRC / f, out / f)
     (out / "cuda" / "sm90").mkdir(exist_ok=True)
-    for f in ("tiles.h", "launch.h", "sm90/tiles.h"):
+    for f in ("tiles.h", "launch.h", "sm90/tiles.h", "sm90/tmap.h"):
         shutil.copyfile(CSRC / "cuda" / f, out / "cuda" / f)
     for f in SOURCES:
         text = convert(f, (CSRC / "cuda" / f).read_text())
         dst = out / "cuda" / f
         if not dst.exists() or dst.read_text() != text:  # keep mtimes when nothing changed
             dst.write_text(text)
+    # The probe of the Hopper readings (a stand-alone program: launches and shared memory rewritten).
+    probe = pathlib.Path(__file__).resolve().parent / "sm90_probe.cu"
+    text = convert("sm90_probe.cu", probe.read_text())
+    dst = out / "sm90_probe.cpp"
+    if not dst.exists() or dst.read_text() != text:
+        dst.write_text(text)
     return 0
 
 
