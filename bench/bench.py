@@ -258,6 +258,25 @@ def make_fused_dense(case, q, k, v, opts):
     return lambda: fused_attn.flash(q, k, v)
 
 
+def make_fused_sm80(case, q, k, v, opts):
+    """fused_attn with the mma.sync kernels forced (FUSED_ATTN_FORCE_SM80, read at every call): the Hopper
+    path's own baseline on a GPU where the wgmma/TMA kernels run by default."""
+    os.environ["FUSED_ATTN_FORCE_SM80"] = "1"
+    try:
+        fn = make_fused(case, q, k, v, opts)
+    finally:
+        os.environ.pop("FUSED_ATTN_FORCE_SM80", None)
+
+    def run():
+        os.environ["FUSED_ATTN_FORCE_SM80"] = "1"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("FUSED_ATTN_FORCE_SM80", None)
+
+    return run
+
+
 def _sdpa_backend_ctx(backend):
     if backend is None:
         return contextlib.nullcontext()
@@ -347,6 +366,10 @@ def implementations(device: torch.device, opts) -> list[Impl]:
     ]
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
+
+        paths = fused_attn.build_info().get("cuda_paths", {})
+        if paths.get(f"cuda:{device.index or 0}", "").startswith("sm90"):
+            impls.append(Impl("fused_attn-sm80", make_fused_sm80))
 
         # The forced backends cover what the automatic choice would pick; "sdpa" (auto) is omitted.
         for name, backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION"),

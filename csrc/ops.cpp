@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/launch.h"
+#include "cuda/sm90/launch.h"
 #endif
 
 namespace fused_attn {
@@ -617,6 +618,19 @@ Tensor rows_aligned(const Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// The Hopper kernels read through tensor maps, whose strides must be positive multiples of 16 bytes: a
+// tensor with a zero stride in a dimension of size > 1 (an expanded one) is copied.
+Tensor tma_ready(const Tensor& t) {
+  for (int i = 0; i < 3; ++i)
+    if (t.size(i) > 1 && t.stride(i) == 0) return t.contiguous();
+  return t;
+}
+
+// The Hopper head dim that runs q on its device (0: the mma.sync kernels run).
+int sm90_head_dim_for(const Tensor& q) {
+  return is_tc(q) ? sm90_choose(q.get_device(), dtype_of(q), q.size(3)) : 0;
+}
+
 // Features whose CUDA kernels have not landed yet: a clear error before any kernel runs.
 void cuda_unsupported(bool cond, const char* what) {
   TORCH_CHECK_VALUE(!cond, what, " is not supported by the CUDA kernels of this build yet (it runs on the CPU)");
@@ -628,12 +642,14 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
   cuda_unsupported(softcap != 0.0, "softcap");
   cuda_unsupported(alibi.has_value(), "alibi_slopes");
   check_qkv(q_in, k_in, v_in);
-  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int hd90 = sm90_head_dim_for(q_in);
+  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
+  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
-  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  const int hd = is_tc(q) && !hd90 ? checked_tc_head_dim(q) : 0;
   if (q.numel() == 0) return {out, lse};
   if (k.size(2) == 0) return {out.zero_(), lse.fill_(-INFINITY)};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
@@ -644,7 +660,10 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
   p.lse_b = lse.stride(0);
   p.lse_h = lse.stride(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (hd) {
+  if (hd90) {
+    check_tiles(p, sm90_tiles(hd90).fwd_tq, sm90_tiles(hd90).fwd_tk, "Hopper forward");
+    sm90_fwd(p, dtype_of(q), hd90, stream);
+  } else if (hd) {
     check_tiles(p, tc_tiles(hd).fwd_tq, tc_tiles(hd).fwd_tk, "tensor-core forward");
     tc_fwd(p, dtype_of(q), hd, stream);
   } else {
@@ -663,19 +682,21 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   cuda_unsupported(softcap != 0.0, "softcap");
   cuda_unsupported(alibi.has_value(), "alibi_slopes");
   check_qkv(q_in, k_in, v_in);
-  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int hd90 = sm90_head_dim_for(q_in);
+  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
+  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
   check_bwd_shapes(q, dout_in, out_in, lse_in);
   BwdTensors t;
   // dO arrives with whatever strides autograd made (an expanded scalar gradient has stride 0).
-  t.dout = rows_aligned(dout_in.to(q.scalar_type()));
-  t.out = rows_aligned(out_in);
+  t.dout = ready(dout_in.to(q.scalar_type()));
+  t.out = ready(out_in);
   t.lse = lse_in.contiguous();
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
   t.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   t.dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   t.dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  const int hd = is_tc(q) && !hd90 ? checked_tc_head_dim(q) : 0;
   if (q.numel() == 0 || k.numel() == 0) return {t.dq.zero_(), t.dk.zero_(), t.dv.zero_()};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, true, q);
@@ -683,18 +704,22 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   Tensor dq_accum;
   p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (hd) {
-    const TileShape tiles = tc_tiles(hd);
-    check_tiles(p, tiles.bwd_tq, tiles.bwd_tk, "tensor-core backward");
+  if (hd90 || hd) {
+    const int h = hd90 ? hd90 : hd;
+    const TileShape tiles = hd90 ? sm90_tiles(hd90) : tc_tiles(hd);
+    check_tiles(p, tiles.bwd_tq, tiles.bwd_tk, hd90 ? "Hopper backward" : "tensor-core backward");
     if (!p.deterministic) {
-      dq_accum = at::zeros({q.size(0), q.size(1), cdiv(q.size(2), tiles.bwd_tq) * tiles.bwd_tq, hd},
+      dq_accum = at::zeros({q.size(0), q.size(1), cdiv(q.size(2), tiles.bwd_tq) * tiles.bwd_tq, h},
                            q.options().dtype(at::kFloat));
       p.dq_accum = dq_accum.data_ptr<float>();
       p.dqa_b = dq_accum.stride(0);
       p.dqa_h = dq_accum.stride(1);
       p.dqa_s = dq_accum.stride(2);
     }
-    tc_bwd(p, dtype_of(q), hd, stream);
+    if (hd90)
+      sm90_bwd(p, dtype_of(q), hd90, stream);
+    else
+      tc_bwd(p, dtype_of(q), hd, stream);
   } else {
     check_tiles(p, kGenericTiles.bwd_tq, kGenericTiles.bwd_tk, "fp32/fp64 backward");
     generic_bwd(p, dtype_of(q), stream);
