@@ -88,13 +88,9 @@ struct KeyTiles {
   int64_t first, n;  // dense: tiles [first, first + n); sparse: n list entries
 
   FA_HD KeyTiles(const AttnParams& prm, int64_t b_, int64_t h_, int64_t qt_, int64_t tq_, int64_t tk_)
-      : KeyTiles(prm, prm.seq(b_), b_, h_, qt_, tq_, tk_) {}
-  // With sequence b's SeqInfo already at hand (s = prm.seq(b)): a kernel reads cu_seqlens once per block.
-  FA_HD KeyTiles(const AttnParams& prm, const SeqInfo& s, int64_t b_, int64_t h_, int64_t qt_, int64_t tq_,
-                 int64_t tk_)
       : p(&prm), b(b_), h(h_), qt(qt_), tq(tq_), tk(tk_) {
     int64_t kb, ke;
-    Band(prm, s).key_range(qt * tq, qt * tq + tq, kb, ke);
+    Band(prm, b).key_range(qt * tq, qt * tq + tq, kb, ke);
     if (ke <= kb) {
       first = 0;
       n = 0;
@@ -125,12 +121,9 @@ struct QueryTiles {
   int64_t first, n;
 
   FA_HD QueryTiles(const AttnParams& prm, int64_t b_, int64_t h_, int64_t kt_, int64_t tq_, int64_t tk_)
-      : QueryTiles(prm, prm.seq(b_), b_, h_, kt_, tq_, tk_) {}
-  FA_HD QueryTiles(const AttnParams& prm, const SeqInfo& s, int64_t b_, int64_t h_, int64_t kt_, int64_t tq_,
-                   int64_t tk_)
       : p(&prm), b(b_), h(h_), kt(kt_), tq(tq_), tk(tk_) {
     int64_t qb, qe;
-    Band(prm, s).query_range(kt * tk, kt * tk + tk, qb, qe);
+    Band(prm, b).query_range(kt * tk, kt * tk + tk, qb, qe);
     if (qe <= qb) {
       first = 0;
       n = 0;
@@ -152,25 +145,13 @@ struct QueryTiles {
   }
 };
 
-// Whether a visited tile of sequence b (s = p.seq(b)) needs per-element masking at all.
-FA_HD bool tile_needs_mask(const AttnParams& p, const TileVisit& v, const SeqInfo& s, int64_t q0, int64_t q1,
-                           int64_t k0, int64_t k1) {
-  return v.layout_partial || !Band(p, s).tile_full(q0, q1, k0, k1);
-}
-// (The overloads by batch index keep their own bodies: the short-circuit before p.seq(b) is part of what
-// ptxas sees, and the dK/dV kernel at head dim 128 spilled when it changed.)
+// Whether a visited tile of sequence b needs per-element masking at all.
 FA_HD bool tile_needs_mask(const AttnParams& p, const TileVisit& v, int64_t b, int64_t q0, int64_t q1,
                            int64_t k0, int64_t k1) {
   return v.layout_partial || !Band(p, b).tile_full(q0, q1, k0, k1);
 }
 
-// The per-element rule inside a tile that needs masking (i, j relative to sequence b, s = p.seq(b)).
-FA_HD bool element_visible(const AttnParams& p, const TileVisit& v, const SeqInfo& s, int64_t b, int64_t h,
-                           int64_t i, int64_t j) {
-  const Band band(p, s);
-  if (i >= band.sq || !band.visible(i, j)) return false;
-  return !v.layout_partial || p.layout.allows(b, h, i, j);
-}
+// The per-element rule inside a tile that needs masking (i, j relative to sequence b).
 FA_HD bool element_visible(const AttnParams& p, const TileVisit& v, int64_t b, int64_t h, int64_t i,
                            int64_t j) {
   const Band band(p, b);
