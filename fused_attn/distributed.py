@@ -330,6 +330,17 @@ class _Config:
     scale: float
     softcap_args: tuple
     acc_dtype: torch.dtype
+    compute_dtype: torch.dtype  # what the kernels are given (see _compute_dtype)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp16/bf16 on the CPU are handed to the kernels as fp32: the CPU kernels compute in fp32 anyway, and
+    so the partial outputs and the dK/dV contributions come back unrounded and are rounded once, at the end,
+    as flash() does. Blocks still travel in their own dtype. (CUDA's tensor-core kernels take and return
+    fp16/bf16: there the partials are rounded, as in every ring attention built on such kernels.)"""
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return t.dtype
 
 
 def _has_softcap() -> bool:
@@ -463,8 +474,10 @@ def _ring_forward(cfg: _Config, q, k, v):
     acc_l = torch.full((b, hq, n), float("-inf"), dtype=cfg.acc_dtype, device=q.device)
     held = {0: (k, v, 0), 1: (k, v, 0), -1: (k, v, 0)}
     clock = _Clock(cfg, "fwd")
+    q = q.to(cfg.compute_dtype)
 
     def compute(s, kb, vb, off):
+        kb, vb = kb.to(cfg.compute_dtype), vb.to(cfg.compute_dtype)
         for c in plan.calls.get((r, s), ()):
             o, lse = _op_fwd(cfg, q[:, :, c.q0:c.q1], kb[:, :, c.k0 - off:c.k1 - off],
                              vb[:, :, c.k0 - off:c.k1 - off], c)
@@ -481,7 +494,7 @@ def _ring_forward(cfg: _Config, q, k, v):
             if plan.cover.get((r, s)) == d:
                 clock.timed("compute", compute, s, *held[d])
         clock.step_done(t)
-    return acc_o.to(q.dtype), acc_l
+    return acc_o, acc_l
 
 
 def _ring_backward(cfg: _Config, dout, dlse, q, k, v, out, lse):
@@ -490,10 +503,13 @@ def _ring_backward(cfg: _Config, dout, dlse, q, k, v, out, lse):
     dk_home = torch.zeros(k.shape, dtype=cfg.acc_dtype, device=k.device)
     dv_home = torch.zeros(k.shape, dtype=cfg.acc_dtype, device=k.device)
     held = {0: (k, v, 0), 1: (k, v, 0), -1: (k, v, 0)}
-    dout = dout.contiguous()
+    cdt = cfg.compute_dtype
+    q_dtype = q.dtype
+    q, out, dout = q.to(cdt), out.to(cdt), dout.to(cdt).contiguous()
     clock = _Clock(cfg, "bwd")
 
     def compute(s, kb, vb, off, dk_acc, dv_acc, acc_off):
+        kb, vb = kb.to(cdt), vb.to(cdt)
         for c in plan.calls.get((r, s), ()):
             rows = slice(c.q0, c.q1)
             keys = slice(c.k0 - off, c.k1 - off)
@@ -562,13 +578,15 @@ def _ring_backward(cfg: _Config, dout, dlse, q, k, v, out, lse):
         dv_home[:, :, lo:hi] += dv_part
     if acc_tr is not None:
         acc_tr.finish("sending the last dK/dV accumulators")
-    return dq.to(q.dtype), dk_home.to(k.dtype), dv_home.to(v.dtype)
+    return dq.to(q_dtype), dk_home.to(k.dtype), dv_home.to(v.dtype)
 
 
 class _RingFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cfg):
-        out, lse = _ring_forward(cfg, q, k, v)
+        acc_o, lse = _ring_forward(cfg, q, k, v)
+        out = acc_o.to(q.dtype)
+        # The backward's delta = rowsum(dout * out) uses the output as returned (rounded), as flash() does.
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -627,7 +645,8 @@ def ring_flash(q, k, v, *, group=None, causal=False, window=None, scale=None, so
     cfg = _Config(fn=fn, group=group, rank=rank, world=world, device=q.device, timeout=_timeout(group, q.device),
                   plan=_plan(world, n, layout, left, right), scale=sc,
                   softcap_args=(checked["softcap"],) if _has_softcap() else (),
-                  acc_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                  acc_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                  compute_dtype=_compute_dtype(q))
     out, lse = _RingFlash.apply(qq, kk.contiguous(), vv.contiguous(), cfg)
     return (out, lse) if return_lse else out
 
@@ -719,5 +738,5 @@ def unshard(x_local, *, group=None, layout="zigzag", dim=2):
     _exchange(group, rank, world, fn, error, signature)
     cfg = _Config(fn=fn, group=group, rank=rank, world=world, device=x_local.device,
                   timeout=_timeout(group, x_local.device), plan=None, scale=0.0, softcap_args=(),
-                  acc_dtype=x_local.dtype)
+                  acc_dtype=x_local.dtype, compute_dtype=x_local.dtype)
     return _Unshard.apply(x_local, cfg, layout, checked["dim"])
