@@ -121,39 +121,61 @@ def _box_call(q0: int, q1: int, k0: int, k1: int, lo: int, hi: int):
     return _Call(q0 + i0, q0 + i1, k0 + j0, k0 + j1, left, right)
 
 
-def _rect_calls(qsegs, ksegs, dmin: int, dmax: int):
-    """The calls covering all pairs of the runs qsegs x ksegs (each tuple consecutive in local memory) in
-    one call, or None when no single band describes them in local coordinates."""
-    geo = [_pair_geometry(a, b, dmin, dmax) for a in qsegs for b in ksegs]
-    seen = [_clip(band, span) for band, span in geo]
-    if all(c is None for c in seen):
-        return []
-    for lo in sorted({-_UNB} | {band[0] for band, _ in geo}):
-        for hi in sorted({_UNB} | {band[1] for band, _ in geo}):
-            if all(_clip((lo, hi), span) == c for (_, span), c in zip(geo, seen)):
-                q0, q1 = qsegs[0][0], qsegs[-1][0] + qsegs[-1][2]
-                k0, k1 = ksegs[0][0], ksegs[-1][0] + ksegs[-1][2]
-                call = _box_call(q0, q1, k0, k1, lo, hi)
-                return [call] if call is not None else []
-    return None
+def _seen(qsegs, ksegs, dmin: int, dmax: int):
+    """For each pair of runs (query runs outer), the interval of local differences at which keys are
+    visible, or None: with the runs' local positions, all a plan needs to know about the pair."""
+    return tuple(_clip(*_pair_geometry(a, b, dmin, dmax)) for a in qsegs for b in ksegs)
 
 
-def _pair_calls(qsegs, ksegs, dmin: int, dmax: int):
-    """Fewest calls covering the query runs qsegs against the key runs ksegs: everything at once, row by
-    row, or column by column, falling back to one call per pair of runs."""
+@functools.lru_cache(maxsize=4096)
+def _calls_for(qloc, kloc, seen):
+    """Fewest calls covering the local query runs qloc x key runs kloc ((start, length) each, consecutive in
+    memory) that see what `seen` says: everything in one call, row by row or column by column, falling
+    back to one call per pair of runs. Cached: ranks and pairs that look alike share their calls."""
+    nk = len(kloc)
+    span = {(i, j): (lk - (lq + n - 1), lk + m - 1 - lq)
+            for i, (lq, n) in enumerate(qloc) for j, (lk, m) in enumerate(kloc)}
+
+    def rect(rows, cols):
+        """[call] or [] when one band in local coordinates describes the rectangle, else None."""
+        pairs = [(span[(i, j)], seen[i * nk + j]) for i in rows for j in cols]
+        if all(c is None for _, c in pairs):
+            return []
+        # A band's left edge is forced by a pair whose visible part starts inside its span, or must stay
+        # past an empty pair's span; likewise the right edge.
+        los = {-_UNB} | {c[0] for sp, c in pairs if c and c[0] > sp[0]} | {sp[1] + 1 for sp, c in pairs if not c}
+        his = {_UNB} | {c[1] for sp, c in pairs if c and c[1] < sp[1]} | {sp[0] - 1 for sp, c in pairs if not c}
+        for lo in sorted(los):
+            for hi in sorted(his):
+                if lo <= hi and all(_clip((lo, hi), sp) == c for sp, c in pairs):
+                    q0, q1 = qloc[rows[0]][0], qloc[rows[-1]][0] + qloc[rows[-1]][1]
+                    k0, k1 = kloc[cols[0]][0], kloc[cols[-1]][0] + kloc[cols[-1]][1]
+                    call = _box_call(q0, q1, k0, k1, lo, hi)
+                    return [call] if call is not None else []
+        return None
+
     def split(rects):
         calls = []
-        for qa, kb in rects:
-            got = _rect_calls(qa, kb, dmin, dmax)
+        for rows, cols in rects:
+            got = rect(rows, cols)
             if got is None:
-                got = [c for a in qa for b in kb for c in _rect_calls((a,), (b,), dmin, dmax)]
+                got = [c for i in rows for j in cols for c in rect((i,), (j,))]
             calls += got
         return calls
 
-    options = [split([(qsegs, ksegs)]),
-               split([((a,), ksegs) for a in qsegs]),
-               split([(qsegs, (b,)) for b in ksegs])]
+    rows, cols = tuple(range(len(qloc))), tuple(range(nk))
+    whole = rect(rows, cols)
+    if whole is not None:
+        return tuple(whole)
+    options = [split([((i,), cols) for i in rows]), split([(rows, (j,)) for j in cols])]
     return tuple(min(options, key=len))
+
+
+def _pair_calls(qsegs, ksegs, dmin: int, dmax: int):
+    """The calls covering the query runs qsegs against the key runs ksegs ((local start, global start,
+    length) each)."""
+    return _calls_for(tuple((l, n) for l, _, n in qsegs), tuple((l, n) for l, _, n in ksegs),
+                      _seen(qsegs, ksegs, dmin, dmax))
 
 
 @dataclass(frozen=True)
@@ -185,11 +207,14 @@ def _plan(world: int, n: int, layout: str, left: int, right: int) -> _Plan:
     needed = [(r, s) for (r, s) in calls if r != s]
     # Forward ring of f steps (block of r - t at step t), backward ring of b steps (r + t): the fewest
     # transfers that bring every needed block; ties go to the plain forward ring.
-    best = None
-    for f in range(world):
-        b = max(((s - r) % world for (r, s) in needed if (r - s) % world > f), default=0)
-        if best is None or (f + b, b) < best[0]:
+    by_f = [0] * world  # by_f[x]: the farthest backward distance among needed pairs at forward distance x
+    for r, s in needed:
+        by_f[(r - s) % world] = max(by_f[(r - s) % world], (s - r) % world)
+    best, b = None, 0
+    for f in reversed(range(world)):  # b: what a backward ring must reach when the forward one stops at f
+        if best is None or (f + b, b) <= best[0]:
             best = ((f + b, b), f, b)
+        b = max(b, by_f[f])
     _, f, b = best
     cover = {(r, s): (1 if (r - s) % world <= f else -1) for (r, s) in needed}
     chains, kv_range, acc_range = {}, {}, {}
@@ -200,9 +225,13 @@ def _plan(world: int, n: int, layout: str, left: int, right: int) -> _Plan:
             if not users:
                 continue
             chains[(s, d)] = (users[0][0], users[-1][0])
-            for t in range(1, users[-1][0] + 1):  # key rows still needed from step t on
-                later = [calls[(x, s)] for u, x in users if u >= t]
-                kv_range[(s, d, t)] = (min(c.k0 for cs in later for c in cs), max(c.k1 for cs in later for c in cs))
+            hull = None  # key rows still needed from step t on: the hull over the users at steps >= t
+            for i in reversed(range(len(users))):
+                u, x = users[i]
+                lo, hi = min(c.k0 for c in calls[(x, s)]), max(c.k1 for c in calls[(x, s)])
+                hull = (lo, hi) if hull is None else (min(hull[0], lo), max(hull[1], hi))
+                for t in range(users[i - 1][0] + 1 if i else 1, u + 1):
+                    kv_range[(s, d, t)] = hull
             acc_range[(s, d)] = kv_range[(s, d, 1)]
     steps = max((u1 for (_, u1) in chains.values()), default=0)
     return _Plan(world, calls, cover, steps, chains, kv_range, acc_range)
@@ -378,13 +407,16 @@ class _Transfers:
         self.recvs[key] = (list(range(first, len(self.ops))), tensors)
 
     def post(self) -> "_Transfers":
-        self.works = dist.batch_isend_irecv(self.ops) if self.ops else []
+        works = dist.batch_isend_irecv(self.ops) if self.ops else []
+        # gloo answers one request per message; a coalescing backend (NCCL) one for the whole batch.
+        self.works = [[w] for w in works] if len(works) == len(self.ops) else [works] * len(self.ops)
         return self
 
     def get(self, key, what: str):
         idx, tensors = self.recvs.pop(key)
         for i in idx:
-            _wait(self.works[i], self.cfg, what)
+            for work in self.works[i]:
+                _wait(work, self.cfg, what)
         return tensors
 
     def has(self, key) -> bool:
@@ -392,12 +424,13 @@ class _Transfers:
 
     def finish(self, what: str) -> None:
         for i in self.sends:
-            _wait(self.works[i], self.cfg, what)
+            for work in self.works[i]:
+                _wait(work, self.cfg, what)
         self.sends = []
 
 
 def _global(cfg: _Config, peer: int) -> int:
-    return dist.get_global_rank(cfg.group, peer) if cfg.group is not dist.group.WORLD else peer
+    return dist.get_global_rank(cfg.group, peer)
 
 
 def _post_kv(cfg: _Config, t: int, held: dict) -> _Transfers:

@@ -200,14 +200,15 @@ def group_checks(group):
     return checks
 
 
-def fault_checks(groups):
+def fault_checks(groups, meet):
     """A rank that raises inside the ring, and one that never calls: the others must raise, in bounded
-    time, instead of hanging. Each scenario has its own 3-rank group (a failed one is left broken)."""
+    time, instead of hanging. Each scenario has its own 3-rank group (a failed one is left broken); rank 1
+    stays alive until the others are done (meet(): a barrier on a healthy group), so they must time out
+    rather than see its connections close."""
     import torch.distributed as dist
 
     from fused_attn import distributed as fd
 
-    timeout = float(os.environ["RING_TEST_FAULT_TIMEOUT"])
     q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
 
     def raising_inside():
@@ -223,23 +224,31 @@ def fault_checks(groups):
                 expect_error(RuntimeError, ["injected"], lambda: fd.ring_flash(q, k, v, group=group, causal=True))
             finally:
                 fd._op_fwd = real
-            time.sleep(timeout + 2)  # stay alive: the others must time out, not see us exit
+            meet()
             return "raised"
         t0 = time.perf_counter()
         qq = q.clone().requires_grad_(True)
         # A rank may finish the forward with what it already received; the backward needs rank 1 again.
-        expect_error(RuntimeError, ["rank", "within"],
-                     lambda: fd.ring_flash(qq, k, v, group=group, causal=True).sum().backward())
-        return f"raised after {time.perf_counter() - t0:.1f} s"
+        try:
+            expect_error(RuntimeError, ["rank", "within"],
+                         lambda: fd.ring_flash(qq, k, v, group=group, causal=True).sum().backward())
+            elapsed = time.perf_counter() - t0
+        finally:
+            meet()
+        return f"raised after {elapsed:.1f} s"
 
     def never_called():
         group = groups[1]
         if dist.get_rank(group) == 1:
-            time.sleep(timeout + 2)
+            meet()
             return "did not call"
         t0 = time.perf_counter()
-        expect_error(RuntimeError, ["exchange"], lambda: fd.ring_flash(q, k, v, group=group))
-        return f"raised after {time.perf_counter() - t0:.1f} s"
+        try:
+            expect_error(RuntimeError, ["exchange"], lambda: fd.ring_flash(q, k, v, group=group))
+            elapsed = time.perf_counter() - t0
+        finally:
+            meet()
+        return f"raised after {elapsed:.1f} s"
 
     return [("raising_inside", raising_inside), ("never_called", never_called)]
 
@@ -272,7 +281,8 @@ def all_checks(rank, slow_wait_s):
     wait = datetime.timedelta(seconds=slow_wait_s)
     checks.append(("sync", (0, 1, 2), lambda: dist.monitored_barrier(groups[3], timeout=wait)))
     if rank < 3:
-        checks += [(name, (0, 1, 2), fn) for name, fn in fault_checks(faulty)]
+        checks += [(name, (0, 1, 2), fn) for name, fn in fault_checks(faulty, lambda: dist.monitored_barrier(
+            groups[3], timeout=wait))]
     return checks
 
 
