@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from . import masks, reference
+from . import distributed, masks, reference
 from ._args import check_inputs, check_kvcache, check_mods, check_varlen
 from ._ops import build_info, sparse_args
 from ._sparse import BlockMask
 
 __all__ = ["flash", "flash_varlen", "flash_kvcache", "block_mask", "build_info", "BlockMask", "masks",
-           "reference"]
+           "reference", "distributed"]
 __version__ = "0.1.0"
 
 
