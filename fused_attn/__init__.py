@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from . import masks, reference
+from . import features, masks, reference
 from ._args import check_inputs
 from ._ops import build_info, sparse_args
 from ._sparse import BlockMask
 
-__all__ = ["flash", "block_mask", "build_info", "BlockMask", "masks", "reference"]
+__all__ = ["flash", "block_mask", "build_info", "BlockMask", "features", "masks", "reference"]
 __version__ = "0.1.0"
 
 
