@@ -10,7 +10,7 @@ import torch
 import fused_attn
 from fused_attn import reference
 
-FNS = [reference.linear_attention] + ([fused_attn.linear_attention] if hasattr(fused_attn, "linear_attention") else [])
+FNS = [fused_attn.linear_attention, reference.linear_attention]
 
 
 def qkv(b=1, h=2, s=8, dk=4, dv=3, dtype=torch.float32):
@@ -79,3 +79,38 @@ def test_initial_state():
     bad(TypeError, r"^initial_state\[1\] \(z\): expected a floating dtype", initial_state=(s, z.long()))
     bad(TypeError, r"^initial_state\[0\] \(S\): expected a torch.Tensor, got NoneType", initial_state=(None, z))
     bad(ValueError, r"^initial_state\[0\] \(S\): expected q's device cpu, got meta", initial_state=(s.to("meta"), z))
+
+
+def test_errors_come_before_any_kernel(monkeypatch):
+    def sentinel(*a, **k):
+        raise AssertionError("kernel ran")
+
+    monkeypatch.setattr(torch.ops.fused_attn, "linear_fwd", sentinel)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="eps"):
+        fused_attn.linear_attention(q, k, v, eps=-1.0)
+
+
+def test_direct_op_calls_are_checked_too():
+    q, k, v = qkv()
+    op = torch.ops.fused_attn.linear_fwd
+    with pytest.raises(ValueError, match=r"k: expected 4-D"):
+        op(q, k[0], v, None, None, True, "elu1", True, 1.0, 1e-6)
+    with pytest.raises(ValueError, match=r"feature_map: expected 'elu1', 'relu' or 'identity', got 'tanh'"):
+        op(q, k, v, None, None, True, "tanh", True, 1.0, 1e-6)
+    with pytest.raises(ValueError, match=r"initial state: expected both tensors \(S, z\) or neither"):
+        op(q, k, v, torch.zeros(1, 2, 4, 3), None, True, "elu1", True, 1.0, 1e-6)
+    with pytest.raises(TypeError, match=r"initial state S: expected dtype Float, got Double"):
+        op(q, k, v, torch.zeros(1, 2, 4, 3).double(), torch.zeros(1, 2, 4).double(), True, "elu1", True, 1.0, 1e-6)
+    with pytest.raises(ValueError, match=r"initial_state: only causal"):
+        op(q, k, v, *state(), False, "elu1", True, 1.0, 1e-6)
+    with pytest.raises(ValueError, match=r"eps: expected a float >= 0"):
+        op(q, k, v, None, None, True, "elu1", True, 1.0, -1.0)
+
+
+def test_cuda_tensors_without_a_cuda_kernel():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to pass a CUDA tensor")
+    q, k, v = (t.cuda() for t in qkv())
+    with pytest.raises(ValueError, match=r"^q: linear_attention runs on CPU tensors in this build"):
+        fused_attn.linear_attention(q, k, v)

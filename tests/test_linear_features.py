@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import fused_attn
 from fused_attn import features, reference
 
 
@@ -79,8 +80,10 @@ def shrinks_with_m(errs) -> bool:
 MS = (16, 64, 256, 1024)
 
 
-def test_favor_plus_error_falls_as_features_grow():
-    errs = approximation_errors(features.favor_plus, MS)
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_favor_plus_error_falls_as_features_grow(impl):
+    fn = reference.linear_attention if impl == "reference" else fused_attn.linear_attention
+    errs = approximation_errors(features.favor_plus, MS, fn=fn)
     assert shrinks_with_m(errs), f"errors per m={MS}: {errs}"
 
 
