@@ -12,9 +12,14 @@ from . import masks, reference
 from ._args import check_inputs
 from ._ops import build_info, sparse_args
 from ._sparse import BlockMask
+from .integrations import sdpa as _sdpa
 
 __all__ = ["flash", "block_mask", "build_info", "BlockMask", "masks", "reference"]
 __version__ = "0.1.0"
+
+# SDPA backend provider "fused_attn": registered (never activated) where torch has the registry (>= 2.9);
+# torch.nn.attention.activate_flash_attention_impl("fused_attn") switches it on.
+_sdpa.register()
 
 
 def flash(q, k, v, *, causal=False, window=None, block_mask=None, scale=None, return_lse=False):
