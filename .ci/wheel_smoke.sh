@@ -19,13 +19,20 @@ wheel=$(ls "$out"/dist/fused_attn-*.whl)
 built=$(date +%s)
 echo "wheel: built $(basename "$wheel") ($(du -h "$wheel" | cut -f1)) in $((built - start)) s"
 
-# A fresh venv from the base interpreter under .venv, seeing .venv's packages (torch, numpy) through a
-# .pth line; the .pth files inside .venv (its editable fused_attn) are not processed from there.
+# A fresh venv from the base interpreter under .venv, seeing .venv's packages (torch, numpy) through
+# plain path lines in a .pth: .venv's site-packages directories, not the source tree; the .pth files inside
+# them (.venv's editable fused_attn) are not processed from there.
 base=$("$VPY" -c 'import sys; print(sys.base_prefix)')/bin/python3
 "$base" -m venv --without-pip "$out/venv"
 site_new=$("$out/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-site_old=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$site_old" >"$site_new/_fused_attn_ci_reuse_torch.pth"
+"$VPY" - "$repo" >"$site_new/_fused_attn_ci_reuse_torch.pth" <<'PY'
+import os, sys
+repo = os.path.realpath(sys.argv[1])
+for p in sys.path:
+    real = os.path.realpath(p) if p else ""
+    if ("site-packages" in p or "dist-packages" in p) and not (real + os.sep).startswith(repo + os.sep):
+        print(p)
+PY
 "$VPY" -m pip --python "$out/venv/bin/python" install --no-deps --no-index --quiet "$wheel"
 
 cd "$out"  # outside the source tree: only the installed package can be imported
