@@ -4,22 +4,13 @@ i + Sk - Sq + right], softcap * tanh(s / softcap), ALiBi -slope * |i + Sk - Sq -
 packed varlen with cu_seqlens, and the in-place KV-cache append of flash_attn_with_kvcache."""
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 
-import fused_attn
 from conftest import assert_rule
 from fused_attn import compat
-
-HAS_MODIFIERS = "softcap" in inspect.signature(fused_attn.flash).parameters
-HAS_VARLEN = hasattr(fused_attn, "flash_varlen")
-HAS_KVCACHE = hasattr(fused_attn, "flash_kvcache")
-needs_modifiers = pytest.mark.skipif(not HAS_MODIFIERS, reason="fused_attn.flash has no softcap/alibi_slopes yet")
-needs_varlen = pytest.mark.skipif(not HAS_VARLEN, reason="fused_attn.flash_varlen not in this build yet")
-needs_kvcache = pytest.mark.skipif(not HAS_KVCACHE, reason="fused_attn.flash_kvcache not in this build yet")
 
 
 def fa_reference(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
@@ -98,7 +89,6 @@ def test_flash_attn_func(case, dtype):
         assert_rule(name, a, r, bse, dtype)
 
 
-@needs_modifiers
 @pytest.mark.parametrize("kw", [dict(softcap=5.0), dict(softcap=2.0, causal=True, window_size=(7, 0)),
                                 dict(alibi_slopes="heads", causal=True), dict(alibi_slopes="batch", softcap=3.0)],
                          ids=["softcap", "softcap-window", "alibi", "alibi-batch-softcap"])
@@ -183,7 +173,6 @@ def varlen_reference(q, k, v, cu_q, cu_k, **kw):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-@needs_varlen
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(4, 2)), dict()], ids=["causal", "window", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_flash_attn_varlen_func(kw, dtype):
@@ -212,7 +201,6 @@ def test_flash_attn_varlen_func(kw, dtype):
 # KV cache.
 
 
-@needs_kvcache
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("seqlens_as", ["tensor", "int"])
 def test_flash_attn_with_kvcache_appends_then_attends(paged, seqlens_as):

@@ -255,13 +255,13 @@ def _permuted(src: torch.Tensor, order) -> torch.Tensor:
 
 def _dense_fwd(q, k, v, scale, left, right):
     """fused_attn's dense forward on (B, H, S, D) tensors: (out, lse)."""
-    return torch.ops.fused_attn.fwd(q, k, v, scale, left, right, [], [])
+    return _kernel(torch.ops.fused_attn.fwd, q, k, v, scale, left, right, [], [])
 
 
 def _dense_bwd(dout, q, k, v, out, lse, scale, left, right):
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
-    return torch.ops.fused_attn.bwd(dout, q, k, v, out, lse, None, scale, left, right, [], [],
-                                    _deterministic())
+    return _kernel(torch.ops.fused_attn.bwd, dout, q, k, v, out, lse, None, scale, left, right, [], [],
+                   _deterministic())
 
 
 def _lse32(lse):
@@ -412,12 +412,33 @@ def _fa_bwd(op, key, keyset, *args, **kwargs):
     return _run(op, key, keyset, serve, args, kwargs)
 
 
-# Packed variable-length batches go through fused_attn.flash_varlen's kernels.
+# Packed variable-length batches go through fused_attn.flash_varlen's kernels (ops varlen_fwd / varlen_bwd).
+
+_NO_CUDA_KERNEL = "is not supported by the CUDA kernels of this build"
+
+
+def _kernel(op, *args):
+    """Runs a fused_attn op; a feature this build's CUDA kernels do not have yet becomes a fallback."""
+    try:
+        return op(*args)
+    except ValueError as e:
+        if _NO_CUDA_KERNEL in str(e):
+            raise _Fallback("query", "a CUDA tensor", f"not served yet ({str(e).splitlines()[0]})") from None
+        raise
+
+
+def _cu(cu, name):
+    if cu is None:
+        raise _Fallback(name, None, "required by fused_attn for a packed batch")
+    return cu if cu.dtype == torch.int32 else cu.to(torch.int32)
 
 
 def _varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
-    raise _Fallback("cum_seq_q", "a tensor", "a packed batch, which this build of fused_attn does not serve yet")
+    return _kernel(torch.ops.fused_attn.varlen_fwd, q, k, v, _cu(cu_q, "cum_seq_q"), _cu(cu_k, "cum_seq_k"),
+                   int(max_q), int(max_k), scale, left, right, 0.0, None)
 
 
 def _varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right):
-    raise _Fallback("cum_seq_q", "a tensor", "a packed batch, which this build of fused_attn does not serve yet")
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    return _kernel(torch.ops.fused_attn.varlen_bwd, dout, q, k, v, out, lse, None, _cu(cu_q, "cum_seq_q"),
+                   _cu(cu_k, "cum_seq_k"), int(max_q), int(max_k), scale, left, right, 0.0, None, _deterministic())
