@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -112,7 +112,6 @@ def is_active() -> bool:
 class _Handle:
     """What activation returns to torch's registry; remove() takes the overrides out again."""
     library: torch.library.Library | None
-    originals: dict = field(default_factory=dict)
 
     def remove(self) -> None:
         if self.library is not None:
@@ -153,7 +152,7 @@ def install() -> _Handle:
             lib.impl(op, _bind(impls[op], op, key), key, with_keyset=True)
     _ORIGINALS.clear()
     _ORIGINALS.update(originals)
-    return _Handle(lib, originals)
+    return _Handle(lib)
 
 
 def _bind(fn, op, key):
