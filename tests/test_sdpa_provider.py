@@ -119,6 +119,10 @@ def test_restore_brings_back_pytorch_kernels():
     for a, c in zip(before, after):
         assert torch.equal(a, c)  # PyTorch's own kernel again, bit for bit
     assert any(not torch.equal(a, c) for a, c in zip(before, during)), "activation changed nothing"
+    # the FlashAttention-2 ops registered for the CPU are gone again (PyTorch has no CPU kernel for them)
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+    with pytest.raises(NotImplementedError):
+        torch.ops.aten._flash_attention_forward(qs, ks, vs, None, None, 37, 37, 0.0, False, False)
 
 
 def test_attn_mask_runs_pytorch_kernel(active):
