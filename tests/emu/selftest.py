@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Shows that the emulator can fail: builds copies of the converted kernels with one known bug each
-(a missing barrier, a missing column predicate) and expects every one of them to be reported.
-Run after run_all.py (or gen_kernels.py): python3 tests/emu/selftest.py   (about 2 minutes)."""
+(a missing barrier, a missing column predicate, a wrong softcap derivative or tanh, a packed batch's row
+offset left out) and expects every one of them to be reported.
+Run after run_all.py (or gen_kernels.py): python3 tests/emu/selftest.py   (a few minutes)."""
 from __future__ import annotations
 
 import pathlib
@@ -26,6 +27,16 @@ MUTATIONS = [
     ("generic fwd: no barrier before K is overwritten by V", "generic.cu",
      "__syncthreads();  // ks is refilled below (V) or by the next chunk", "//", ["-DEMU_GENERIC", "-DEMU_T=float"],
      "dense"),
+    ("dkdv (softcap): dS without the tanh derivative", "bwd_kernel.cuh",
+     "dp[nl][e] = pv * (dp[nl][e] - dd[e & 1]) * gm;", "dp[nl][e] = pv * (dp[nl][e] - dd[e & 1]);",
+     ["-DEMU_ELEM=__half", "-DEMU_HD=64"], "softcap"),
+    ("tanh on ex2 / rcp.approx: 1 - rcp instead of 1 - 2 rcp", "score_mod.cuh",
+     "return 1.f - 2.f * fast_rcp(", "return 1.f - fast_rcp(", ["-DEMU_ELEM=__half", "-DEMU_HD=32"], "softcap"),
+    ("fwd (packed batch): lse rows without the sequence's offset", "fwd_kernel.cuh",
+     "+ h * p.lse_h + sv.q_off();", "+ h * p.lse_h;", ["-DEMU_ELEM=__nv_bfloat16", "-DEMU_HD=64"], "varlen_window"),
+    ("generic dQ (packed batch): rows without the sequence's offset", "generic.cu",
+     "p.dq_st.at(b, h, se.q_off + row)", "p.dq_st.at(b, h, row)", ["-DEMU_GENERIC", "-DEMU_T=double"],
+     "varlen_window"),
 ]
 
 
