@@ -13,5 +13,10 @@ enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 void cpu_fwd(const AttnParams& p, DType dt);
 // Writes dq, dk, dv; p.delta is caller-allocated scratch of lse's shape and type.
 void cpu_bwd(const AttnParams& p, DType dt);
+// KV-cache attention (forward only): q (B, Hq, Sq, D) against the cache through p.seqlens_k (+
+// p.seqlens_k_add), contiguous or paged (p.block_table). Reads q and the cache in their own dtype dt (every
+// float dtype), computes in fp32 (fp64 for fp64), writes out in dt and lse in fp32 (fp64). p.num_splits:
+// 0 picks the split of each key range over threads, n >= 1 forces n.
+void cpu_kvcache_fwd(const AttnParams& p, DType dt);
 
 }  // namespace fused_attn

@@ -5,7 +5,8 @@
 //   0 <= j < Sk,
 //   i + (Sk - Sq) - left <= j <= i + (Sk - Sq) + right      (a bound of -1 is unbounded),
 //   and, with a block layout, layout[b, h, i / bq, j / bk].
-// Causal is right = 0, folded in by the host before any kernel runs.
+// Causal is right = 0, folded in by the host before any kernel runs. Sq and Sk are the lengths of the
+// sequence (AttnParams::seq(b)): per sequence in a packed variable-length batch or a KV cache.
 //
 // Every kernel asks two things of the policies here: which tiles to visit (the trip count, which is what
 // makes cost follow the pattern) and whether a visited tile needs per-element masking.
@@ -18,12 +19,13 @@ FA_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 FA_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 FA_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The window band, aligned bottom-right (FlashAttention's convention).
+// The window band of one sequence, aligned bottom-right (FlashAttention's convention).
 struct Band {
   int64_t sq, sk, left, right;
 
-  FA_HD explicit Band(const AttnParams& p)
-      : sq(p.sq), sk(p.sk), left(p.window_left), right(p.window_right) {}
+  FA_HD Band(const AttnParams& p, const SeqInfo& s)
+      : sq(s.sq), sk(s.sk), left(p.window_left), right(p.window_right) {}
+  FA_HD Band(const AttnParams& p, int64_t b) : Band(p, p.seq(b)) {}
 
   FA_HD int64_t offset() const { return sk - sq; }
 
@@ -88,7 +90,7 @@ struct KeyTiles {
   FA_HD KeyTiles(const AttnParams& prm, int64_t b_, int64_t h_, int64_t qt_, int64_t tq_, int64_t tk_)
       : p(&prm), b(b_), h(h_), qt(qt_), tq(tq_), tk(tk_) {
     int64_t kb, ke;
-    Band(prm).key_range(qt * tq, qt * tq + tq, kb, ke);
+    Band(prm, b).key_range(qt * tq, qt * tq + tq, kb, ke);
     if (ke <= kb) {
       first = 0;
       n = 0;
@@ -106,7 +108,7 @@ struct KeyTiles {
     if (!p->sparse) return {first + i, false};
     const int e = p->kv_list.entry(b, h, qt, static_cast<int>(i));
     const int64_t t = e >= 0 ? e : -static_cast<int64_t>(e) - 1;
-    if (Band(*p).tile_empty(qt * tq, qt * tq + tq, t * tk, t * tk + tk)) return {-1, false};
+    if (Band(*p, b).tile_empty(qt * tq, qt * tq + tq, t * tk, t * tk + tk)) return {-1, false};
     return {t, e < 0};
   }
 };
@@ -121,7 +123,7 @@ struct QueryTiles {
   FA_HD QueryTiles(const AttnParams& prm, int64_t b_, int64_t h_, int64_t kt_, int64_t tq_, int64_t tk_)
       : p(&prm), b(b_), h(h_), kt(kt_), tq(tq_), tk(tk_) {
     int64_t qb, qe;
-    Band(prm).query_range(kt * tk, kt * tk + tk, qb, qe);
+    Band(prm, b).query_range(kt * tk, kt * tk + tk, qb, qe);
     if (qe <= qb) {
       first = 0;
       n = 0;
@@ -138,22 +140,46 @@ struct QueryTiles {
     if (!p->sparse) return {first + i, false};
     const int e = p->q_list.entry(b, h, kt, static_cast<int>(i));
     const int64_t t = e >= 0 ? e : -static_cast<int64_t>(e) - 1;
-    if (Band(*p).tile_empty(t * tq, t * tq + tq, kt * tk, kt * tk + tk)) return {-1, false};
+    if (Band(*p, b).tile_empty(t * tq, t * tq + tq, kt * tk, kt * tk + tk)) return {-1, false};
     return {t, e < 0};
   }
 };
 
-// Whether a visited tile needs per-element masking at all.
-FA_HD bool tile_needs_mask(const AttnParams& p, const TileVisit& v, int64_t q0, int64_t q1, int64_t k0,
-                           int64_t k1) {
-  return v.layout_partial || !Band(p).tile_full(q0, q1, k0, k1);
+// Whether a visited tile of sequence b needs per-element masking at all.
+FA_HD bool tile_needs_mask(const AttnParams& p, const TileVisit& v, int64_t b, int64_t q0, int64_t q1,
+                           int64_t k0, int64_t k1) {
+  return v.layout_partial || !Band(p, b).tile_full(q0, q1, k0, k1);
 }
 
-// The per-element rule inside a tile that needs masking.
+// The per-element rule inside a tile that needs masking (i, j relative to sequence b).
 FA_HD bool element_visible(const AttnParams& p, const TileVisit& v, int64_t b, int64_t h, int64_t i,
                            int64_t j) {
-  if (i >= p.sq || !Band(p).visible(i, j)) return false;
+  const Band band(p, b);
+  if (i >= band.sq || !band.visible(i, j)) return false;
   return !v.layout_partial || p.layout.allows(b, h, i, j);
 }
+
+// Score modifiers of one (sequence, query head), applied to the scaled score s = scale * q.k of query i
+// and key j before masking (fused_attn/reference.py mirrors them):
+//   softcap c > 0:  s <- c * tanh(s / c)
+//   ALiBi slope a:  s <- s - a * |i + (Sk - Sq) - j|
+// Kernels that work in base 2 multiply the result by log2(e). The backward needs d(modified)/ds, which is
+// 1 - tanh(s / c)^2 with a cap and 1 without (ALiBi's term does not depend on s).
+struct ScoreMod {
+  double cap = 0.0, inv_cap = 0.0;  // cap 0: no softcap
+  double slope = 0.0;               // 0: no ALiBi
+  int64_t offset = 0;               // Sk - Sq of the sequence
+
+  FA_HD ScoreMod(const AttnParams& p, int64_t b, int64_t h, const SeqInfo& s)
+      : cap(p.softcap), inv_cap(p.softcap > 0 ? 1.0 / p.softcap : 0.0),
+        slope(p.alibi ? static_cast<double>(p.alibi[b * p.alibi_b + h]) : 0.0), offset(s.sk - s.sq) {}
+
+  FA_HD bool active() const { return cap > 0 || slope != 0; }
+  // The ALiBi penalty a * |i + offset - j| (>= 0), subtracted from the (capped) score.
+  FA_HD double alibi_bias(int64_t i, int64_t j) const {
+    const int64_t d = i + offset - j;
+    return slope * static_cast<double>(d < 0 ? -d : d);
+  }
+};
 
 }  // namespace fused_attn

@@ -1,9 +1,9 @@
 // Op schemas, argument checks and dispatch. Host code only: kernels live in cpu/ and cuda/.
 //
-// Two ops in the namespace fused_attn:
-//   fwd(q, k, v, scale, window_left, window_right, sparse, sparse_shape) -> (out, lse)
-//   bwd(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, sparse, sparse_shape,
-//       deterministic) -> (dq, dk, dv)
+// Ops in the namespace fused_attn (schemas at the end of this file):
+//   fwd / bwd                 fixed-length batches (B, H, S, D), every pattern, softcap, ALiBi
+//   varlen_fwd / varlen_bwd   packed variable-length batches (total, H, D) with cu_seqlens
+//   kvcache_fwd               a KV cache (contiguous or paged), new keys appended in place; forward only
 // `sparse` is empty (no block layout) or the block mask's tensors prepared for this call's kernels:
 //   [layout u8 (Bm, Hm, nqb, nkb), fwd kv counts, fwd kv indices, bwd kv counts, bwd kv indices,
 //    bwd q counts, bwd q indices]
@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -206,6 +207,76 @@ void set_bwd(AttnParams& p, BwdTensors& t, const std::optional<Tensor>& dlse) {
   p.delta = t.delta.data_ptr();
 }
 
+// softcap and ALiBi slopes (float32, (B or 1, Hq), contiguous; the Python layer reshapes (Hq,) to (1, Hq)).
+void set_score_mod(AttnParams& p, double softcap, const std::optional<Tensor>& alibi, const Tensor& q) {
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), "softcap: expected a finite float >= 0, got ",
+                    softcap);
+  p.softcap = softcap;
+  if (!alibi.has_value()) return;
+  const Tensor& a = *alibi;
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes: expected float32, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes: expected q's device ", q.device(), ", got ",
+                    a.device());
+  TORCH_CHECK_VALUE(a.dim() == 2 && (a.size(0) == 1 || a.size(0) == p.batch) && a.size(1) == p.hq &&
+                        a.is_contiguous(),
+                    "alibi_slopes: expected a contiguous (1 or B, Hq) = (1 or ", p.batch, ", ", p.hq,
+                    ") tensor, got ", shape_str(a));
+  p.alibi = a.data_ptr<float>();
+  p.alibi_b = a.size(0) == 1 ? 0 : a.stride(0);
+}
+
+// Packed variable-length batches: q (total_q, Hq, D), k, v (total_k, Hk, D), cu_seqlens int32 (B + 1).
+void check_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                  int64_t max_q, int64_t max_k) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "q: expected 3-D (total_q, Hq, D), got shape ", shape_str(q));
+  TORCH_CHECK_VALUE(k.dim() == 3, "k: expected 3-D (total_k, Hk, D), got shape ", shape_str(k));
+  TORCH_CHECK_VALUE(v.dim() == 3 && v.sizes() == k.sizes(), "v: expected k's shape ", shape_str(k), ", got ",
+                    shape_str(v));
+  dtype_of(q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "k, v: expected the dtype of q (", q.scalar_type(), ")");
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), "k, v: expected the device of q");
+  TORCH_CHECK_VALUE(q.size(2) > 0 && k.size(2) == q.size(2), "k: expected head dim ", q.size(2));
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "k: expected a head count dividing q's ",
+                    q.size(1), ", got ", k.size(1));
+  for (auto* t : {&q, &k, &v})
+    TORCH_CHECK_VALUE(t->size(2) <= 1 || t->stride(2) == 1, "q, k, v: expected unit stride in the head dim");
+  for (auto [name, c] : {std::pair<const char*, const Tensor*>{"cu_seqlens_q", &cu_q}, {"cu_seqlens_k", &cu_k}}) {
+    TORCH_CHECK_TYPE(c->scalar_type() == at::kInt, name, ": expected int32, got ", c->scalar_type());
+    TORCH_CHECK_VALUE(c->dim() == 1 && c->size(0) >= 1 && c->is_contiguous() && c->device() == q.device(),
+                      name, ": expected a contiguous 1-D (B + 1) tensor on q's device, got ", shape_str(*c));
+  }
+  TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), "cu_seqlens_k: expected ", cu_q.size(0),
+                    " entries like cu_seqlens_q, got ", cu_k.size(0));
+  TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0, "max_seqlen_q, max_seqlen_k: expected >= 0");
+}
+
+AttnParams varlen_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                         const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t wl, int64_t wr) {
+  TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
+  AttnParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.batch = cu_q.size(0) - 1;
+  p.hq = q.size(1);
+  p.hk = k.size(1);
+  p.sq = max_q;
+  p.sk = max_k;
+  p.d = q.size(2);
+  p.q_st = {0, q.stride(1), q.stride(0)};
+  p.k_st = {0, k.stride(1), k.stride(0)};
+  p.v_st = {0, v.stride(1), v.stride(0)};
+  p.scale = scale;
+  p.window_left = wl;
+  p.window_right = wr;
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  return p;
+}
+
 bool env_deterministic() {
   const char* e = std::getenv("FUSED_ATTN_DETERMINISTIC");
   return e && std::string(e) != "0" && std::string(e) != "";
@@ -217,12 +288,13 @@ bool env_deterministic() {
 // D apart (a tensor expanded along S) are copied: the tile GEMMs need a leading dimension >= D.
 Tensor cpu_compute(const Tensor& t) {
   const Tensor c = (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) ? t.to(at::kFloat) : t;
-  return (c.dim() == 4 && c.size(2) > 1 && c.stride(2) < c.size(3)) ? c.contiguous() : c;
+  const int64_t sdim = c.dim() == 4 ? 2 : 0;  // the sequence dim: (B, H, S, D) or packed (total, H, D)
+  return (c.dim() >= 3 && c.size(sdim) > 1 && c.stride(sdim) < c.size(-1)) ? c.contiguous() : c;
 }
 
 std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
-                                   int64_t wl, int64_t wr, at::TensorList sparse_in,
-                                   at::IntArrayRef sparse_shape) {
+                                   int64_t wl, int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
+                                   double softcap, const std::optional<Tensor>& alibi) {
   check_qkv(q_in, k_in, v_in);
   const Tensor q = cpu_compute(q_in), k = cpu_compute(k_in), v = cpu_compute(v_in);
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
@@ -232,6 +304,7 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q_in, const Tensor& k_in, const
   if (k.size(2) == 0) return {out.zero_().to(q_in.scalar_type()), lse.fill_(-INFINITY)};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, false, q);
+  set_score_mod(p, softcap, alibi, q);
   p.o = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr();
@@ -245,7 +318,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout_in, const Tensor& 
                                            const Tensor& v_in, const Tensor& out_in, const Tensor& lse,
                                            const std::optional<Tensor>& dlse, double scale, int64_t wl,
                                            int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
-                                           bool deterministic) {
+                                           bool deterministic, double softcap,
+                                           const std::optional<Tensor>& alibi) {
   (void)deterministic;  // the CPU backward is always deterministic
   check_qkv(q_in, k_in, v_in);
   const Tensor q = cpu_compute(q_in), k = cpu_compute(k_in), v = cpu_compute(v_in);
@@ -262,10 +336,254 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout_in, const Tensor& 
   t.lse = lse.contiguous();
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, true, q);
+  set_score_mod(p, softcap, alibi, q);
   set_bwd(p, t, dlse);
   p.deterministic = true;
   cpu_bwd(p, dtype_of(q));
   return {back(t.dq, q_in), back(t.dk, k_in), back(t.dv, v_in)};
+}
+
+// ------------------------------------------------------------------------------------- CPU, varlen
+
+// cu_seqlens held on the CPU are checked here too (the Python layer checks them first, with friendlier
+// messages): starts at 0, non-decreasing, ends at the packed total, no sequence longer than max_seqlen.
+void check_cu_values(const Tensor& cu, int64_t total, int64_t max_len, const char* name, const char* max_name) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0);
+  TORCH_CHECK_VALUE(c[0] == 0 && c[n - 1] == total, name, ": expected to start at 0 and end at ", total,
+                    ", got ", c[0], " ... ", c[n - 1]);
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    TORCH_CHECK_VALUE(c[i + 1] >= c[i], name, ": expected non-decreasing entries, got ", c[i], " then ",
+                      c[i + 1], " at index ", i);
+    TORCH_CHECK_VALUE(c[i + 1] - c[i] <= max_len, max_name, ": sequence ", i, " has ", c[i + 1] - c[i],
+                      " rows, more than ", max_name, " = ", max_len);
+  }
+}
+
+void set_varlen_out(AttnParams& p, const Tensor& out, const Tensor& lse) {
+  p.o = out.data_ptr();
+  p.o_st = {0, out.stride(1), out.stride(0)};
+  p.lse = lse.data_ptr();
+  p.lse_b = 0;
+  p.lse_h = lse.stride(0);
+}
+
+std::tuple<Tensor, Tensor> varlen_fwd_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                          const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                          double scale, int64_t wl, int64_t wr, double softcap,
+                                          const std::optional<Tensor>& alibi) {
+  check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
+  check_cu_values(cu_q, q_in.size(0), max_q, "cu_seqlens_q", "max_seqlen_q");
+  check_cu_values(cu_k, k_in.size(0), max_k, "cu_seqlens_k", "max_seqlen_k");
+  const Tensor q = cpu_compute(q_in), k = cpu_compute(k_in), v = cpu_compute(v_in);
+  Tensor out = at::zeros({q.size(0), q.size(1), q.size(2)}, q.options());
+  Tensor lse = at::full({q.size(1), q.size(0)}, -INFINITY, q.options().dtype(lse_type(q)));
+  if (q.numel() > 0 && cu_q.size(0) > 1) {
+    AttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
+    set_score_mod(p, softcap, alibi, q);
+    set_varlen_out(p, out, lse);
+    cpu_fwd(p, dtype_of(q));
+  }
+  return {out.to(q_in.scalar_type()), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cpu(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                                  const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
+                                                  const std::optional<Tensor>& dlse, const Tensor& cu_q,
+                                                  const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale,
+                                                  int64_t wl, int64_t wr, double softcap,
+                                                  const std::optional<Tensor>& alibi, bool deterministic) {
+  (void)deterministic;  // the CPU backward is always deterministic
+  check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
+  check_cu_values(cu_q, q_in.size(0), max_q, "cu_seqlens_q", "max_seqlen_q");
+  check_cu_values(cu_k, k_in.size(0), max_k, "cu_seqlens_k", "max_seqlen_k");
+  const Tensor q = cpu_compute(q_in), k = cpu_compute(k_in), v = cpu_compute(v_in);
+  TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "dout, out: expected shape ",
+                    shape_str(q));
+  TORCH_CHECK_VALUE(lse_in.dim() == 2 && lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0) &&
+                        lse_in.scalar_type() == lse_type(q),
+                    "lse: expected ", lse_type(q), " of shape (Hq, total_q), got ", shape_str(lse_in));
+  BwdTensors t;
+  t.dout = cpu_compute(dout_in).contiguous();
+  t.out = cpu_compute(out_in).contiguous();
+  t.lse = lse_in.contiguous();
+  t.dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  t.dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  t.dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  auto back = [](const Tensor& g, const Tensor& like) { return g.to(like.scalar_type()); };
+  if (q.numel() > 0 && k.numel() > 0 && cu_q.size(0) > 1) {
+    AttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
+    set_score_mod(p, softcap, alibi, q);
+    // set_bwd fills the fixed-length layout; the packed layout is (S, H, D) with batch stride 0.
+    set_bwd(p, t, dlse);
+    p.lse_b = 0;
+    p.lse_h = t.lse.stride(0);
+    auto packed = [](const Tensor& x) { return Strides{0, x.stride(1), x.stride(0)}; };
+    p.o_st = packed(t.out);
+    p.do_st = packed(t.dout);
+    p.dq_st = packed(t.dq);
+    p.dk_st = packed(t.dk);
+    p.dv_st = packed(t.dv);
+    p.deterministic = true;
+    cpu_bwd(p, dtype_of(q));
+  }
+  return {back(t.dq, q_in), back(t.dk, k_in), back(t.dv, v_in)};
+}
+
+// ---------------------------------------------------------------------------------------- KV cache
+
+// q (B, Hq, Sq, D). Contiguous cache: k_cache, v_cache (B, Hk, S_max, D). Paged: (num_pages, page_size,
+// Hk, D) pools with block_table int32 (B, max_pages). cache_seqlens int32 (B,). k_new, v_new (B, Hk, S_new, D).
+struct KvCall {
+  bool paged = false;
+  int64_t s_new = 0, capacity = 0, page_size = 0;
+};
+
+KvCall check_kvcache(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& seqlens,
+                     const std::optional<Tensor>& k_new, const std::optional<Tensor>& v_new,
+                     const std::optional<Tensor>& block_table) {
+  KvCall c;
+  TORCH_CHECK_VALUE(q.dim() == 4, "q: expected 4-D (B, Hq, Sq, D), got shape ", shape_str(q));
+  dtype_of(q);
+  c.paged = block_table.has_value();
+  TORCH_CHECK_VALUE(kc.dim() == 4 && vc.sizes() == kc.sizes(), "k_cache, v_cache: expected two 4-D tensors of one shape, got ",
+                    shape_str(kc), " and ", shape_str(vc));
+  TORCH_CHECK_TYPE(kc.scalar_type() == q.scalar_type() && vc.scalar_type() == q.scalar_type(),
+                   "k_cache, v_cache: expected q's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(kc.device() == q.device() && vc.device() == q.device() && seqlens.device() == q.device(),
+                    "k_cache, v_cache, cache_seqlens: expected q's device ", q.device());
+  TORCH_CHECK_VALUE(kc.size(3) == q.size(3), "k_cache: expected head dim ", q.size(3), ", got ", shape_str(kc));
+  for (auto* t : {&kc, &vc})
+    TORCH_CHECK_VALUE(t->size(3) <= 1 || t->stride(3) == 1, "k_cache, v_cache: expected unit stride in D");
+  const int64_t hk = c.paged ? kc.size(2) : kc.size(1);
+  TORCH_CHECK_VALUE(hk > 0 && q.size(1) % hk == 0, "k_cache: expected a head count dividing q's ", q.size(1),
+                    ", got ", hk);
+  TORCH_CHECK_TYPE(seqlens.scalar_type() == at::kInt, "cache_seqlens: expected int32, got ", seqlens.scalar_type());
+  TORCH_CHECK_VALUE(seqlens.dim() == 1 && seqlens.size(0) == q.size(0) && seqlens.is_contiguous(),
+                    "cache_seqlens: expected a contiguous (B,) = (", q.size(0), ",) tensor, got ", shape_str(seqlens));
+  if (c.paged) {
+    const Tensor& bt = *block_table;
+    TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, "block_table: expected int32, got ", bt.scalar_type());
+    TORCH_CHECK_VALUE(bt.dim() == 2 && bt.size(0) == q.size(0) && bt.stride(1) == 1 && bt.device() == q.device(),
+                      "block_table: expected (B, max_pages) with unit stride in the last dim on q's device, got ",
+                      shape_str(bt));
+    c.page_size = kc.size(1);
+    c.capacity = bt.size(1) * c.page_size;
+  } else {
+    TORCH_CHECK_VALUE(kc.size(0) == q.size(0), "k_cache: expected batch ", q.size(0), ", got ", shape_str(kc));
+    c.capacity = kc.size(2);
+  }
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "k_new, v_new: expected both or neither");
+  if (k_new.has_value()) {
+    const Tensor& kn = *k_new;
+    TORCH_CHECK_VALUE(kn.dim() == 4 && kn.size(0) == q.size(0) && kn.size(1) == hk && kn.size(3) == q.size(3) &&
+                          v_new->sizes() == kn.sizes(),
+                      "k_new, v_new: expected (B, Hk, S_new, D) = (", q.size(0), ", ", hk, ", S_new, ", q.size(3),
+                      "), got ", shape_str(kn), " and ", shape_str(*v_new));
+    TORCH_CHECK_TYPE(kn.scalar_type() == q.scalar_type() && v_new->scalar_type() == q.scalar_type(),
+                     "k_new, v_new: expected q's dtype ", q.scalar_type());
+    c.s_new = kn.size(2);
+  }
+  return c;
+}
+
+// Writes k_new / v_new into the cache at positions cache_seqlens[b] + t, on the device, without reading
+// any value on the host (index_put_ with device index tensors).
+void kvcache_append(const Tensor& kc, const Tensor& vc, const Tensor& seqlens, const Tensor& k_new,
+                    const Tensor& v_new, const std::optional<Tensor>& block_table, const KvCall& c) {
+  if (c.s_new == 0 || k_new.size(0) == 0) return;
+  const auto iopt = seqlens.options().dtype(at::kLong);
+  const Tensor pos = seqlens.to(at::kLong).unsqueeze(1) + at::arange(c.s_new, iopt).unsqueeze(0);  // (B, S_new)
+  const Tensor kn = k_new.permute({0, 2, 1, 3}), vn = v_new.permute({0, 2, 1, 3});          // (B, S_new, Hk, D)
+  if (c.paged) {
+    const Tensor page = block_table->to(at::kLong).gather(1, at::floor_divide(pos, c.page_size));
+    const Tensor slot = at::remainder(pos, c.page_size);
+    kc.index_put_({page, slot}, kn);
+    vc.index_put_({page, slot}, vn);
+  } else {
+    const Tensor bidx = at::arange(k_new.size(0), iopt).unsqueeze(1).expand_as(pos);
+    using at::indexing::Slice;
+    Tensor kk = kc, vv = vc;  // handles to the same storage: index_put_ writes the caller's cache
+    kk.index_put_({bidx, Slice(), pos}, kn);
+    vv.index_put_({bidx, Slice(), pos}, vn);
+  }
+}
+
+AttnParams kvcache_params(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& seqlens,
+                          const std::optional<Tensor>& block_table, const KvCall& c, double scale, int64_t wl,
+                          int64_t wr) {
+  TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
+  AttnParams p;
+  p.q = q.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.batch = q.size(0);
+  p.hq = q.size(1);
+  p.sq = q.size(2);
+  p.d = q.size(3);
+  p.sk = c.capacity;
+  p.q_st = strides_of(q);
+  p.scale = scale;
+  p.window_left = wl;
+  p.window_right = wr;
+  p.seqlens_k = seqlens.data_ptr<int32_t>();
+  p.seqlens_k_add = c.s_new;
+  if (c.paged) {
+    p.hk = kc.size(2);
+    p.k_st = {kc.stride(0), kc.stride(2), kc.stride(1)};
+    p.v_st = {vc.stride(0), vc.stride(2), vc.stride(1)};
+    p.block_table = block_table->data_ptr<int32_t>();
+    p.block_table_b = block_table->stride(0);
+    p.page_size = c.page_size;
+  } else {
+    p.hk = kc.size(1);
+    p.k_st = strides_of(kc);
+    p.v_st = strides_of(vc);
+  }
+  return p;
+}
+
+// CPU: the cache is read in its own dtype by cpu_kvcache_fwd (kernels.h), which computes in fp32 (fp64 for
+// fp64), splits the key range over threads and merges the parts by their lse.
+std::tuple<Tensor, Tensor> kvcache_fwd_cpu(const Tensor& q, const Tensor& kc, const Tensor& vc,
+                                           const Tensor& seqlens, const std::optional<Tensor>& k_new,
+                                           const std::optional<Tensor>& v_new,
+                                           const std::optional<Tensor>& block_table, double scale, int64_t wl,
+                                           int64_t wr, double softcap, const std::optional<Tensor>& alibi,
+                                           int64_t num_splits) {
+  const KvCall c = check_kvcache(q, kc, vc, seqlens, k_new, v_new, block_table);
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits: expected >= 0 (0 picks), got ", num_splits);
+  {
+    const int32_t* sl = seqlens.data_ptr<int32_t>();
+    for (int64_t b = 0; b < q.size(0); ++b)
+      TORCH_CHECK_VALUE(sl[b] >= 0 && sl[b] + c.s_new <= c.capacity, "cache_seqlens: sequence ", b, " holds ",
+                        sl[b], " tokens; with ", c.s_new, " new ones that is outside the cache's capacity of ",
+                        c.capacity);
+    if (c.paged) {
+      const Tensor& bt = *block_table;
+      const int64_t np = kc.size(0);
+      for (int64_t b = 0; b < q.size(0); ++b)
+        for (int64_t pg = 0; pg < cdiv(sl[b] + c.s_new, c.page_size); ++pg) {
+          const int32_t e = bt.data_ptr<int32_t>()[b * bt.stride(0) + pg];
+          TORCH_CHECK_VALUE(e >= 0 && e < np, "block_table: entry [", b, ", ", pg, "] = ", e,
+                            " is outside [0, num_pages = ", np, ")");
+        }
+    }
+  }
+  if (k_new.has_value()) kvcache_append(kc, vc, seqlens, *k_new, *v_new, block_table, c);
+  Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
+  if (q.numel() == 0) return {out, lse};
+  AttnParams p = kvcache_params(q, kc, vc, seqlens, block_table, c, scale, wl, wr);
+  set_score_mod(p, softcap, alibi, q);
+  p.o = out.data_ptr();
+  p.o_st = strides_of(out);
+  p.lse = lse.data_ptr();
+  p.lse_b = lse.stride(0);
+  p.lse_h = lse.stride(1);
+  p.num_splits = num_splits;
+  cpu_kvcache_fwd(p, dtype_of(q));
+  return {out, lse};
 }
 
 // --------------------------------------------------------------------------------------------- CUDA
@@ -299,8 +617,16 @@ Tensor rows_aligned(const Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// Features whose CUDA kernels have not landed yet: a clear error before any kernel runs.
+void cuda_unsupported(bool cond, const char* what) {
+  TORCH_CHECK_VALUE(!cond, what, " is not supported by the CUDA kernels of this build yet (it runs on the CPU)");
+}
+
 std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
-                                    int64_t wl, int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape) {
+                                    int64_t wl, int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
+                                    double softcap, const std::optional<Tensor>& alibi) {
+  cuda_unsupported(softcap != 0.0, "softcap");
+  cuda_unsupported(alibi.has_value(), "alibi_slopes");
   check_qkv(q_in, k_in, v_in);
   const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -332,7 +658,10 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
                                             const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
                                             const std::optional<Tensor>& dlse, double scale, int64_t wl,
                                             int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
-                                            bool deterministic) {
+                                            bool deterministic, double softcap,
+                                            const std::optional<Tensor>& alibi) {
+  cuda_unsupported(softcap != 0.0, "softcap");
+  cuda_unsupported(alibi.has_value(), "alibi_slopes");
   check_qkv(q_in, k_in, v_in);
   const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -372,6 +701,29 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   }
   return {t.dq, t.dk, t.dv};
 }
+
+std::tuple<Tensor, Tensor> varlen_fwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, int64_t, int64_t, double, int64_t, int64_t, double,
+                                           const std::optional<Tensor>&) {
+  cuda_unsupported(true, "flash_varlen");
+  return {};
+}
+
+std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                   const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                                   const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t,
+                                                   int64_t, double, const std::optional<Tensor>&, bool) {
+  cuda_unsupported(true, "flash_varlen");
+  return {};
+}
+
+std::tuple<Tensor, Tensor> kvcache_fwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                            const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                            const std::optional<Tensor>&, double, int64_t, int64_t, double,
+                                            const std::optional<Tensor>&, int64_t) {
+  cuda_unsupported(true, "flash_kvcache");
+  return {};
+}
 #endif  // FA_WITH_CUDA
 
 }  // namespace
@@ -380,21 +732,41 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
 TORCH_LIBRARY(fused_attn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, Tensor[] sparse, "
-      "int[] sparse_shape) -> (Tensor out, Tensor lse)");
+      "int[] sparse_shape, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale, "
-      "int window_left, int window_right, Tensor[] sparse, int[] sparse_shape, bool deterministic) -> "
+      "int window_left, int window_right, Tensor[] sparse, int[] sparse_shape, bool deterministic, "
+      "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+      "int window_left, int window_right, float softcap, Tensor? alibi_slopes, bool deterministic) -> "
       "(Tensor dq, Tensor dk, Tensor dv)");
+  // Writes k_new / v_new into k_cache / v_cache in place (hence the alias annotations), then attends.
+  m.def(
+      "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
+      "Tensor? v_new, Tensor? block_table, float scale, int window_left, int window_right, float softcap, "
+      "Tensor? alibi_slopes, int num_splits) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("fwd", &fused_attn::fwd_cpu);
   m.impl("bwd", &fused_attn::bwd_cpu);
+  m.impl("varlen_fwd", &fused_attn::varlen_fwd_cpu);
+  m.impl("varlen_bwd", &fused_attn::varlen_bwd_cpu);
+  m.impl("kvcache_fwd", &fused_attn::kvcache_fwd_cpu);
 }
 
 #ifdef FA_WITH_CUDA
 TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("fwd", &fused_attn::fwd_cuda);
   m.impl("bwd", &fused_attn::bwd_cuda);
+  m.impl("varlen_fwd", &fused_attn::varlen_fwd_cuda);
+  m.impl("varlen_bwd", &fused_attn::varlen_bwd_cuda);
+  m.impl("kvcache_fwd", &fused_attn::kvcache_fwd_cuda);
 }
 #endif

@@ -43,6 +43,13 @@ struct LayoutRef {
   }
 };
 
+// One sequence of the batch: its row offsets into packed tensors and its lengths. Fixed-length batches:
+// offsets 0 and the lengths of the call. Variable-length (packed) batches: rows [q_off, q_off + sq) of
+// q / out / lse and [k_off, k_off + sk) of k / v. KV cache: sk = keys in the cache after this call.
+struct SeqInfo {
+  int64_t q_off, k_off, sq, sk;
+};
+
 struct AttnParams {
   // Inputs and outputs. Element type is the kernel's template argument; lse and delta are float for
   // 16- and 32-bit inputs and double for double inputs.
@@ -60,6 +67,8 @@ struct AttnParams {
   const void* dlse = nullptr;  // optional gradient of lse (lse's type and layout); null means zero
   float* dq_accum = nullptr;   // fp32 (B, Hq, Sq_padded, D) workspace for the atomic dQ path
 
+  // sq / sk: the lengths of a fixed-length call, or the largest per-sequence lengths (grid sizes, buffer
+  // sizes) when the lengths vary per sequence (see seq()).
   int64_t batch = 0, hq = 0, hk = 0, sq = 0, sk = 0, d = 0;
   Strides q_st, k_st, v_st, o_st, do_st, dq_st, dk_st, dv_st;
   int64_t lse_b = 0, lse_h = 0;  // lse/delta are (B, Hq, Sq), contiguous in Sq
@@ -78,7 +87,69 @@ struct AttnParams {
 
   bool deterministic = false;
 
+  // ---- Per-sequence lengths (all null: every sequence has lengths (sq, sk), offsets 0).
+  // Packed variable-length batch: q, out are (total_q, Hq, D) and k, v (total_k, Hk, D), given with batch
+  // stride 0 (Strides.b = 0), head stride and row stride; lse / delta are (Hq, total_q) (lse_b = 0).
+  const int32_t* cu_seqlens_q = nullptr;  // (batch + 1), non-decreasing from 0
+  const int32_t* cu_seqlens_k = nullptr;  // (batch + 1)
+  int64_t total_q = 0, total_k = 0;       // rows of the packed tensors
+  // KV cache: sequence b has seqlens_k[b] + seqlens_k_add keys (the cache's old keys plus the new ones).
+  const int32_t* seqlens_k = nullptr;  // (batch)
+  int64_t seqlens_k_add = 0;
+
+  // ---- Paged K/V (KV cache). Null: key j of (b, h) is at k_st.at(b, h, k_off + j). Otherwise k and v are
+  // page pools (num_pages, page_size, Hk, D) with k_st.b the page stride, k_st.s the slot stride, k_st.h
+  // the head stride, and key j of sequence b lives in page block_table[b * block_table_b + j / page_size],
+  // slot j % page_size.
+  const int32_t* block_table = nullptr;
+  int64_t block_table_b = 0, page_size = 0;
+
+  // ---- Score modifiers (mask.h, ScoreMod), applied to the scaled score s = scale * q.k:
+  // softcap > 0: s <- softcap * tanh(s / softcap); ALiBi: s <- s - slope[b, h] * |i + (Sk - Sq) - j|.
+  double softcap = 0.0;
+  const float* alibi = nullptr;  // slopes, float32, (B or 1, Hq): slope of (b, h) at b * alibi_b + h
+  int64_t alibi_b = 0;
+
+  // ---- Split-KV (decode): the key range of each (batch, kv head) is cut into num_splits parts whose
+  // partial results (unnormalised out in fp32, lse) are merged by a combine step.
+  int64_t num_splits = 1;
+  float* o_part = nullptr;    // (num_splits, B, Hq, Sq, D) fp32 workspace
+  float* lse_part = nullptr;  // (num_splits, B, Hq, Sq) fp32 workspace
+
   FA_HD int64_t group() const { return hq / hk; }  // query heads per key/value head
+
+  FA_HD bool varlen() const { return cu_seqlens_q != nullptr; }
+
+  // Sequence b's offsets and lengths. Offsets read from the device are clamped to the packed tensors and
+  // lengths to [0, max]: cu_seqlens that were not checked on the host (a GPU call given max_seqlen, which
+  // reads nothing back) can give a wrong answer but never an access outside the tensors.
+  FA_HD SeqInfo seq(int64_t b) const {
+    SeqInfo s{0, 0, sq, sk};
+    if (cu_seqlens_q) {
+      s.q_off = clamp(cu_seqlens_q[b], 0, total_q);
+      s.sq = clamp(clamp(cu_seqlens_q[b + 1], s.q_off, total_q) - s.q_off, 0, sq);
+    }
+    if (cu_seqlens_k) {
+      s.k_off = clamp(cu_seqlens_k[b], 0, total_k);
+      s.sk = clamp(clamp(cu_seqlens_k[b + 1], s.k_off, total_k) - s.k_off, 0, sk);
+    } else if (seqlens_k) {
+      s.sk = clamp(static_cast<int64_t>(seqlens_k[b]) + seqlens_k_add, 0, sk);
+    }
+    return s;
+  }
+  static FA_HD int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+  // Element offset of key / value row j (0-based within sequence b, of s = seq(b)) for kv head h.
+  FA_HD int64_t k_row(int64_t b, int64_t h, int64_t j, const SeqInfo& s) const {
+    return block_table ? paged(k_st, b, h, j) : k_st.at(b, h, s.k_off + j);
+  }
+  FA_HD int64_t v_row(int64_t b, int64_t h, int64_t j, const SeqInfo& s) const {
+    return block_table ? paged(v_st, b, h, j) : v_st.at(b, h, s.k_off + j);
+  }
+  FA_HD int64_t paged(const Strides& st, int64_t b, int64_t h, int64_t j) const {
+    const int64_t page = block_table[b * block_table_b + j / page_size];
+    return page * st.b + (j % page_size) * st.s + h * st.h;
+  }
 };
 
 }  // namespace fused_attn

@@ -1,6 +1,9 @@
 """fused_attn: exact fused attention (dense, causal, sliding-window, block-sparse) for PyTorch.
 
-    out = fused_attn.flash(q, k, v, causal=False, window=None, block_mask=None, scale=None, return_lse=False)
+    out = fused_attn.flash(q, k, v, causal=False, window=None, block_mask=None, scale=None, softcap=0.0,
+                           alibi_slopes=None, return_lse=False)
+    out = fused_attn.flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)       # packed batches
+    out = fused_attn.flash_kvcache(q, k_cache, v_cache, cache_seqlens, ...)       # decoding
 
 q: (B, Hq, Sq, D); k, v: (B, Hk, Sk, D) with Hq % Hk == 0. See README.md for the visibility rule.
 """
@@ -9,15 +12,17 @@ from __future__ import annotations
 import torch
 
 from . import distributed, masks, reference
-from ._args import check_inputs
+from ._args import check_inputs, check_kvcache, check_mods, check_varlen
 from ._ops import build_info, sparse_args
 from ._sparse import BlockMask
 
-__all__ = ["flash", "block_mask", "build_info", "BlockMask", "masks", "reference", "distributed"]
+__all__ = ["flash", "flash_varlen", "flash_kvcache", "block_mask", "build_info", "BlockMask", "masks",
+           "reference", "distributed"]
 __version__ = "0.1.0"
 
 
-def flash(q, k, v, *, causal=False, window=None, block_mask=None, scale=None, return_lse=False):
+def flash(q, k, v, *, causal=False, window=None, block_mask=None, scale=None, softcap=0.0, alibi_slopes=None,
+          return_lse=False):
     """softmax(q k^T * scale) v over the keys each query sees, without materialising the scores.
 
     Args:
@@ -29,14 +34,58 @@ def flash(q, k, v, *, causal=False, window=None, block_mask=None, scale=None, re
             i + (Sk - Sq) - left <= j <= i + (Sk - Sq) + right.
         block_mask: a fused_attn.block_mask(layout, block_size); intersects with causal and window.
         scale: default 1 / sqrt(D).
+        softcap: float >= 0, 0 is off: the score s = scale * q.k becomes softcap * tanh(s / softcap).
+        alibi_slopes: None or float32 (Hq,) or (B, Hq): adds -slope * |i + Sk - Sq - j| to the (capped) score.
         return_lse: also return lse (B, Hq, Sq), float32 (float64 for float64 inputs).
 
     Returns out (q's dtype, (B, Hq, Sq, D)) or (out, lse). A row that sees no key gives 0 and lse = -inf.
     Differentiable in q, k, v (and through lse).
     """
     q, k, v, left, right, scale = check_inputs(q, k, v, causal, window, block_mask, scale, return_lse)
+    softcap, alibi = check_mods(softcap, alibi_slopes, q.shape[0], q.shape[1], q.device)
     sparse, sparse_shape = sparse_args(block_mask, q)
-    out, lse = torch.ops.fused_attn.fwd(q, k, v, scale, left, right, sparse, sparse_shape)
+    out, lse = torch.ops.fused_attn.fwd(q, k, v, scale, left, right, sparse, sparse_shape, softcap, alibi)
+    return (out, lse) if return_lse else out
+
+
+def flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                 window=None, scale=None, softcap=0.0, alibi_slopes=None, return_lse=False):
+    """flash() over a packed batch of variable-length sequences, without padding.
+
+    q: (total_q, Hq, D); k, v: (total_k, Hk, D) (any strides with unit stride in D). cu_seqlens_q and
+    cu_seqlens_k: int32 (B + 1,) on q's device, non-decreasing from 0 to the packed totals: sequence b is
+    q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]], with flash()'s visibility rule applied per sequence
+    (its own Sq, Sk, bottom-right aligned). Sequences of length 0 are allowed. max_seqlen_q / max_seqlen_k:
+    the longest lengths; given, nothing is read back from a GPU; None, they are computed (one
+    synchronisation). Returns out (total_q, Hq, D) and, with return_lse, lse (Hq, total_q). Differentiable.
+    """
+    (q, k, v, cu_q, cu_k, max_q, max_k, left, right, scale, softcap, alibi) = check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, scale, softcap,
+        alibi_slopes, return_lse)
+    out, lse = torch.ops.fused_attn.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
+                                               alibi)
+    return (out, lse) if return_lse else out
+
+
+def flash_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, causal=False,
+                  window=None, scale=None, softcap=0.0, alibi_slopes=None, return_lse=False, num_splits=0):
+    """Attention against a KV cache, for inference (forward only, no autograd).
+
+    q: (B, Hq, Sq, D). Contiguous cache: k_cache, v_cache (B, Hk, S_max, D). Paged cache: k_cache,
+    v_cache (num_pages, page_size, Hk, D) with block_table int32 (B, max_pages_per_seq): position p of
+    sequence b is in page block_table[b, p // page_size], slot p % page_size. cache_seqlens: int32 (B,) on
+    q's device, or an int: tokens already in the cache. k_new, v_new (B, Hk, S_new, D) are written into the
+    cache in place at positions cache_seqlens[b] .. cache_seqlens[b] + S_new - 1 (the caller advances
+    cache_seqlens), then q attends over those cache_seqlens[b] + S_new keys with flash()'s rule (bottom-right
+    aligned). num_splits: 0 picks how the key range is split, n >= 1 forces n. Returns out (B, Hq, Sq, D)
+    and, with return_lse, lse (B, Hq, Sq). Reads cache_seqlens (and the block_table entries in use) once to
+    check that every write lands inside the cache: on a GPU, one synchronisation.
+    """
+    q, seqlens, left, right, scale, softcap, alibi = check_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, window, scale, softcap,
+        alibi_slopes, return_lse, num_splits)
+    out, lse = torch.ops.fused_attn.kvcache_fwd(q, k_cache, v_cache, seqlens, k_new, v_new, block_table, scale,
+                                                left, right, softcap, alibi, int(num_splits))
     return (out, lse) if return_lse else out
 
 
@@ -47,4 +96,3 @@ def block_mask(layout, block_size) -> BlockMask:
     nqb = ceil(Sq / bq) and nkb = ceil(Sk / bk); build it on the device the attention runs on.
     block_size: an int or (bq, bk). fused_attn.masks builds common layouts."""
     return BlockMask(layout, block_size)
-

@@ -71,7 +71,7 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("fused_attn::fwd")
-def _fwd_fake(q, k, v, scale, window_left, window_right, sparse, sparse_shape):
+def _fwd_fake(q, k, v, scale, window_left, window_right, sparse, sparse_shape, softcap=0.0, alibi_slopes=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
     return out, lse
@@ -79,32 +79,76 @@ def _fwd_fake(q, k, v, scale, window_left, window_right, sparse, sparse_shape):
 
 @torch.library.register_fake("fused_attn::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, sparse, sparse_shape,
-              deterministic):
+              deterministic, softcap=0.0, alibi_slopes=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
+@torch.library.register_fake("fused_attn::varlen_fwd")
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                     window_right, softcap, alibi_slopes):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("fused_attn::varlen_bwd")
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     scale, window_left, window_right, softcap, alibi_slopes, deterministic):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+@torch.library.register_fake("fused_attn::kvcache_fwd")
+def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, window_left,
+                      window_right, softcap, alibi_slopes, num_splits):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3],
+                                                                                     dtype=_lse_dtype(q))
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, left, right, sparse, sparse_shape = inputs
+    q, k, v, scale, left, right, sparse, sparse_shape, *mods = inputs
+    softcap = mods[0] if mods else 0.0
+    alibi = mods[1] if len(mods) > 1 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *sparse)
-    ctx.args = (scale, left, right, list(sparse_shape))
+    ctx.save_for_backward(q, k, v, out, lse, alibi, *sparse)
+    ctx.args = (scale, left, right, list(sparse_shape), softcap)
     ctx.n_sparse = len(sparse)
+    ctx.n_mods = len(mods)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *sparse = ctx.saved_tensors
-    scale, left, right, sparse_shape = ctx.args
+    q, k, v, out, lse, alibi, *sparse = ctx.saved_tensors
+    scale, left, right, sparse_shape, softcap = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fused_attn.bwd(dout, q, k, v, out, lse, dlse, scale, left, right, sparse,
-                                          sparse_shape, False)
+                                          sparse_shape, False, softcap, alibi)
     # The gradient structure mirrors the inputs: one None per tensor of `sparse`, and an empty int
     # list counts as a list (a non-empty one as a single leaf).
-    return dq, dk, dv, None, None, None, [None] * ctx.n_sparse, (None if sparse_shape else [])
+    return (dq, dk, dv, None, None, None, [None] * ctx.n_sparse, (None if sparse_shape else []),
+            *([None] * ctx.n_mods))
 
 
 torch.library.register_autograd("fused_attn::fwd", _backward, setup_context=_setup_context)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, alibi = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+    ctx.args = (max_q, max_k, scale, left, right, softcap)
+    ctx.set_materialize_grads(False)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+    max_q, max_k, scale, left, right, softcap = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fused_attn.varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale,
+                                                 left, right, softcap, alibi, False)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fused_attn::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)
 
 
 def _no_double_backward(ctx, *grads):
@@ -112,3 +156,4 @@ def _no_double_backward(ctx, *grads):
 
 
 torch.library.register_autograd("fused_attn::bwd", _no_double_backward)
+torch.library.register_autograd("fused_attn::varlen_bwd", _no_double_backward)

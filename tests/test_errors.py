@@ -133,3 +133,40 @@ def test_direct_op_call_is_checked_too():
         torch.ops.fused_attn.fwd(q, k[0], v, 0.5, -1, -1, [], [])
     with pytest.raises(ValueError, match=r"window: expected entries >= -1"):
         torch.ops.fused_attn.fwd(q, k, v, 0.5, -4, -1, [], [])
+
+
+def test_softcap_and_alibi_errors():
+    bad(TypeError, r"^softcap: expected a float >= 0 \(0 is off\), got str", softcap="1")
+    bad(ValueError, r"^softcap: expected a finite float >= 0 \(0 is off\), got -0.5", softcap=-0.5)
+    bad(TypeError, r"^alibi_slopes: expected dtype torch.float32, got torch.float64",
+        alibi_slopes=torch.ones(2, dtype=torch.float64))
+    bad(ValueError, re.escape("alibi_slopes: expected shape (Hq,) = (2,) or (B, Hq) = (1, 2), got (3)"),
+        alibi_slopes=torch.ones(3))
+
+
+def varlen_args(**over):
+    a = dict(q=torch.randn(10, 4, 8), k=torch.randn(12, 2, 8), v=torch.randn(12, 2, 8),
+             cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
+             cu_seqlens_k=torch.tensor([0, 5, 12], dtype=torch.int32))
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over,exc,pattern", [
+    (dict(q=torch.randn(2, 10, 4, 8)), ValueError, r"^q: expected 3-D \(total, H, D\), got shape \(2, 10, 4, 8\)"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), TypeError, r"^cu_seqlens_q: expected dtype torch.int32"),
+    (dict(cu_seqlens_k=torch.tensor([0, 12], dtype=torch.int32)), ValueError, r"^cu_seqlens_k: expected shape \(3,\)"),
+    (dict(cu_seqlens_q=torch.tensor([0, 6, 4], dtype=torch.int32)), ValueError,
+     r"^cu_seqlens_q: expected to start at 0 and end at the packed total 10, got 0 \.\.\. 4"),
+    (dict(cu_seqlens_k=torch.tensor([0, 13, 12], dtype=torch.int32)), ValueError,
+     r"^cu_seqlens_k: expected non-decreasing entries, got 13 then 12 at index 1"),
+    (dict(max_seqlen_q=3), ValueError, r"^max_seqlen_q: sequence 1 has 6 rows, more than max_seqlen_q = 3"),
+    (dict(max_seqlen_k=-1), ValueError, r"^max_seqlen_k: expected None or an int >= 0, got -1"),
+    (dict(k=torch.randn(12, 3, 8), v=torch.randn(12, 3, 8)), ValueError, r"^k: expected a head count that divides"),
+    (dict(block_mask=object()), TypeError, r"unexpected keyword argument 'block_mask'"),
+])
+def test_varlen_errors(over, exc, pattern):
+    for fn in (fused_attn.flash_varlen, reference.flash_varlen):
+        a = varlen_args(**over)
+        with pytest.raises(exc, match=pattern):
+            fn(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("cu_seqlens_q"), a.pop("cu_seqlens_k"), **a)

@@ -17,6 +17,7 @@
 // ahead of torch's SDPA forward+backward on dense attention, so the two-pass plan would fall behind it.
 // Chunks exist only to give the threads enough tasks when batch * kv heads is small; each costs one
 // fp32 (B, Hq, D, Sq) buffer.
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -51,19 +52,23 @@ int64_t pick_chunks(int64_t nbhk, int64_t nkt, int64_t dq_elems) {
 
 template <typename T>
 struct BwdScratch {
-  std::unique_ptr<T[]> st, dpt, dk, dv;
+  std::unique_ptr<T[]> st, dpt, dk, dv, dmod;
 };
 
 template <typename T>
 void bwd_impl(const AttnParams& p) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
-  const int64_t nb = p.batch, hq = p.hq, hk = p.hk, sq = p.sq, sk = p.sk, d = p.d, grp = p.group();
+  const int64_t nb = p.batch, hq = p.hq, hk = p.hk, d = p.d, grp = p.group();
   if (nb == 0 || hq == 0) return;
+  if (p.block_table) throw std::invalid_argument("cpu_bwd: paged K/V have no backward");
   const int64_t tq = p.sparse ? p.list_tq : kBwdTileQ;
   const int64_t tk = p.sparse ? p.list_tk : kBwdTileK;
-  const int64_t nkt = cdiv(sk, tk);
   const T scale = static_cast<T>(p.scale);
-  const T l2e = static_cast<T>(kLog2e), qscale = static_cast<T>(p.scale * kLog2e);
+  const T l2e = static_cast<T>(kLog2e);
+  // Q^T is pre-scaled so that S^T = K (c Q)^T comes out in base 2 (c = scale * log2 e); with a softcap the
+  // cap needs natural units (c = scale) and score_mod_tile moves the tile to base 2.
+  const bool capped = p.softcap > 0;
+  const T qscale = static_cast<T>(capped ? p.scale : p.scale * kLog2e);
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -76,59 +81,79 @@ void bwd_impl(const AttnParams& p) {
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
 
-  // Pre-pass per (b, query head): delta = rowsum(dO * O); qt = scale * log2(e) * Q^T and dot = dO^T;
-  // lse_adj = log2(e) * lse, or +inf for rows that see nothing (then P = 2^(s - lse_adj) = 0, never inf or
-  // NaN). Scores are in base 2 as in the forward (tile_math.h).
+  // Sequences: their own lengths and row offsets when the batch is packed. Per-sequence buffers below are
+  // laid out back to back: qoff[b] / koff[b] count query / key tile blocks of the earlier sequences.
+  std::vector<SeqInfo> seqs(nb);
+  std::vector<int64_t> nqt(nb), nkt(nb), qoff(nb + 1, 0), koff(nb + 1, 0), roff(nb + 1, 0);
+  for (int64_t b = 0; b < nb; ++b) {
+    seqs[b] = p.seq(b);
+    nqt[b] = cdiv(seqs[b].sq, tq);
+    nkt[b] = cdiv(seqs[b].sk, tk);
+    qoff[b + 1] = qoff[b] + nqt[b];
+    koff[b + 1] = koff[b] + nkt[b];
+    roff[b + 1] = roff[b] + seqs[b].sq;
+  }
+  const int64_t max_nkt = *std::max_element(nkt.begin(), nkt.end());
+
+  // Pre-pass per (b, query head): delta = rowsum(dO * O) - dlse; qt = c * Q^T and dot = dO^T; lse_adj =
+  // log2(e) * lse, or +inf for rows that see nothing (then P = 2^(s - lse_adj) = 0, never inf or NaN).
   // The transposed copies (qt, dot, kt and the dQ^T accumulators) are stored tile by tile: one contiguous
   // (D x tq) block per query tile (D x tk per key tile), leading dimension tq (tk). With one (D x S) matrix
   // per head instead, each GEMM operand row sat on its own 4 KiB page (ld ~ S), ~200 pages per tile step
   // against an L1 DTLB of 64-96 entries; see notes/cpu_kernels.md for the measured gain.
-  const int64_t nqt = cdiv(sq, tq);
+  // Buffer index of (b, h, query tile qi): ((qoff[b] * hq) + h * nqt[b] + qi) * qblk.
   const int64_t qblk = d * tq, kblk = d * tk;
-  const int64_t qhead = nqt * qblk, khead = nkt * kblk;
-  std::unique_ptr<T[]> qt(new T[nb * hq * qhead]), dot(new T[nb * hq * qhead]), kt(new T[nb * hk * khead]);
-  std::unique_ptr<T[]> lse_adj(new T[nb * hq * sq]);
+  auto qbuf = [&](int64_t b, int64_t h, int64_t qi) { return (qoff[b] * hq + h * nqt[b] + qi) * qblk; };
+  auto kbuf = [&](int64_t b, int64_t h, int64_t ki) { return (koff[b] * hk + h * nkt[b] + ki) * kblk; };
+  auto rbuf = [&](int64_t b, int64_t h) { return roff[b] * hq + h * seqs[b].sq; };  // lse_adj rows
+  const int64_t qtotal = qoff[nb] * hq * qblk;
+  std::unique_ptr<T[]> qt(new T[qtotal]), dot(new T[qtotal]), kt(new T[koff[nb] * hk * kblk]);
+  std::unique_ptr<T[]> lse_adj(new T[roff[nb] * hq]);
   at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
     for (int64_t bh = beg; bh < end; ++bh) {
       const int64_t b = bh / hq, h = bh % hq;
-      const T* lrow = lse + b * p.lse_b + h * p.lse_h;
-      T* drow = delta + b * p.lse_b + h * p.lse_h;
-      T* arow = lse_adj.get() + bh * sq;
-      // lse_b / lse_h are strides of contiguous (B, H, S) tensors: row i sits at offset i.
-      cpu::row_dots(o + p.o_st.at(b, h, 0), p.o_st.s, dout + p.do_st.at(b, h, 0), p.do_st.s, sq, d, drow);
-      for (int64_t i = 0; i < sq; ++i) {
+      const SeqInfo& si = seqs[b];
+      const int64_t row0 = b * p.lse_b + h * p.lse_h + si.q_off;
+      const T* lrow = lse + row0;
+      T* drow = delta + row0;
+      T* arow = lse_adj.get() + rbuf(b, h);
+      // lse / delta rows are contiguous: row i sits at offset i.
+      cpu::row_dots(o + p.o_st.at(b, h, si.q_off), p.o_st.s, dout + p.do_st.at(b, h, si.q_off), p.do_st.s, si.sq,
+                    d, drow);
+      for (int64_t i = 0; i < si.sq; ++i) {
         // A gradient reaching lse (return_lse=True) adds dlse_i * P_ij to dS_ij: fold it into delta.
-        if (p.dlse) drow[i] -= static_cast<const T*>(p.dlse)[b * p.lse_b + h * p.lse_h + i];
+        if (p.dlse) drow[i] -= static_cast<const T*>(p.dlse)[row0 + i];
         arow[i] = lrow[i] == -kInf ? kInf : lrow[i] * l2e;
       }
-      for (int64_t qi = 0; qi < nqt; ++qi) {
-        const int64_t q0 = qi * tq, qn = imin(tq, sq - q0);
-        T* qdst = qt.get() + bh * qhead + qi * qblk;
-        T* gdst = dot.get() + bh * qhead + qi * qblk;
-        cpu::transpose_scaled(q + p.q_st.at(b, h, q0), p.q_st.s, qn, d, qdst, tq, qscale);
-        cpu::transpose_scaled(dout + p.do_st.at(b, h, q0), p.do_st.s, qn, d, gdst, tq, T(1));
+      for (int64_t qi = 0; qi < nqt[b]; ++qi) {
+        const int64_t q0 = qi * tq, qn = imin(tq, si.sq - q0);
+        cpu::transpose_scaled(q + p.q_st.at(b, h, si.q_off + q0), p.q_st.s, qn, d, qt.get() + qbuf(b, h, qi), tq,
+                              qscale);
+        cpu::transpose_scaled(dout + p.do_st.at(b, h, si.q_off + q0), p.do_st.s, qn, d, dot.get() + qbuf(b, h, qi),
+                              tq, T(1));
       }
     }
   });
   at::parallel_for(0, nb * hk, 1, [&](int64_t beg, int64_t end) {
-    for (int64_t bh = beg; bh < end; ++bh)
-      for (int64_t ki = 0; ki < nkt; ++ki) {
-        const int64_t k0 = ki * tk, kn = imin(tk, sk - k0);
-        cpu::transpose_scaled(k + p.k_st.at(bh / hk, bh % hk, k0), p.k_st.s, kn, d,
-                              kt.get() + bh * khead + ki * kblk, tk, T(1));
+    for (int64_t bh = beg; bh < end; ++bh) {
+      const int64_t b = bh / hk, h = bh % hk;
+      for (int64_t ki = 0; ki < nkt[b]; ++ki) {
+        const int64_t k0 = ki * tk, kn = imin(tk, seqs[b].sk - k0);
+        cpu::transpose_scaled(k + p.k_st.at(b, h, seqs[b].k_off + k0), p.k_st.s, kn, d, kt.get() + kbuf(b, h, ki),
+                              tk, T(1));
       }
+    }
   });
 
-  const int64_t dq_elems = nb * hq * qhead;
-  const int64_t nchunk = pick_chunks(nb * hk, nkt, dq_elems);
-  std::unique_ptr<T[]> dqt(new T[nchunk * dq_elems]);
+  const int64_t nchunk = pick_chunks(nb * hk, max_nkt, qtotal);
+  std::unique_ptr<T[]> dqt(new T[nchunk * qtotal]);
 
   // Tasks: t = (b * hk + kvh) * nchunk + c; cost = query tiles visited.
   const int64_t ntasks = nb * hk * nchunk;
   std::vector<int64_t> cost(ntasks, 0);
   for (int64_t t = 0; t < ntasks; ++t) {
     const int64_t c = t % nchunk, b = t / nchunk / hk, kvh = (t / nchunk) % hk;
-    for (int64_t kti = c; kti < nkt; kti += nchunk)
+    for (int64_t kti = c; kti < nkt[b]; kti += nchunk)
       for (int64_t hh = 0; hh < grp; ++hh) cost[t] += QueryTiles(p, b, kvh * grp + hh, kti, tq, tk).count();
   }
 
@@ -138,27 +163,32 @@ void bwd_impl(const AttnParams& p) {
     w.dpt.reset(new T[tk * tq]);
     w.dk.reset(new T[tk * d]);
     w.dv.reset(new T[tk * d]);
+    if (capped) w.dmod.reset(new T[tk * tq]);
     return w;
   };
 
   auto body = [&](BwdScratch<T>& w, int64_t t) {
     const int64_t c = t % nchunk, b = t / nchunk / hk, kvh = (t / nchunk) % hk;
+    const SeqInfo& si = seqs[b];
+    const int64_t sq = si.sq, sk = si.sk;
     T* st = w.st.get();
     T* dpt = w.dpt.get();
     T* dka = w.dk.get();
     T* dva = w.dv.get();
-    // This task's dQ^T rows: chunk c, batch b, the group's query heads (contiguous).
-    T* dqt_grp = dqt.get() + c * dq_elems + (b * hq + kvh * grp) * qhead;
-    std::fill(dqt_grp, dqt_grp + grp * qhead, T(0));
-    const T* kth = kt.get() + (b * hk + kvh) * khead;
+    T* dmod = w.dmod.get();
+    // This task's dQ^T blocks: chunk c, batch b, the group's query heads (contiguous).
+    T* dqt_c = dqt.get() + c * qtotal;
+    T* grp_beg = dqt_c + qbuf(b, kvh * grp, 0);
+    std::fill(grp_beg, grp_beg + grp * nqt[b] * qblk, T(0));
 
-    for (int64_t kti = c; kti < nkt; kti += nchunk) {
+    for (int64_t kti = c; kti < nkt[b]; kti += nchunk) {
       const int64_t k0 = kti * tk, kn = imin(tk, sk - k0);
-      const T* ktile = k + p.k_st.at(b, kvh, k0);
-      const T* vtile = v + p.v_st.at(b, kvh, k0);
+      const T* ktile = k + p.k_st.at(b, kvh, si.k_off + k0);
+      const T* vtile = v + p.v_st.at(b, kvh, si.k_off + k0);
       bool started = false;
       for (int64_t hh = 0; hh < grp; ++hh) {
-        const int64_t h = kvh * grp + hh, bh = b * hq + h;
+        const int64_t h = kvh * grp + hh;
+        const ScoreMod mod(p, b, h, si);
         const QueryTiles tiles(p, b, h, kti, tq, tk);
         for (int64_t it = 0; it < tiles.count(); ++it) {
           const TileVisit vis = tiles.get(it);
@@ -166,23 +196,27 @@ void bwd_impl(const AttnParams& p) {
           const int64_t q0 = vis.tile * tq;
           if (q0 >= sq) continue;
           const int64_t qn = imin(tq, sq - q0);
-          const int64_t row0 = b * p.lse_b + h * p.lse_h + q0;
+          const int64_t row0 = b * p.lse_b + h * p.lse_h + si.q_off + q0;
 
-          const int64_t qoff = bh * qhead + vis.tile * qblk;
-          cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + qoff, tq, st, tq, false);
-          if (tile_needs_mask(p, vis, q0, q0 + qn, k0, k0 + kn))
+          const int64_t qo = qbuf(b, h, vis.tile);
+          cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + qo, tq, st, tq, false);
+          if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, st, tq, true, dmod);
+          if (tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn))
             cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, st, tq, true);
-          cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + qoff, tq, dpt, tq, false);
-          cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + bh * sq + q0, delta + row0, scale);
-          cpu::gemm(kn, d, qn, st, tq, dout + p.do_st.at(b, h, q0), p.do_st.s, dva, d, started);
-          cpu::gemm(kn, d, qn, dpt, tq, q + p.q_st.at(b, h, q0), p.q_st.s, dka, d, started);
-          cpu::gemm(d, qn, kn, kth + kti * kblk, tk, dpt, tq, dqt_grp + hh * qhead + vis.tile * qblk, tq, true);
+          cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + qo, tq, dpt, tq, false);
+          cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale);
+          if (capped)  // chain rule through the cap: dS_raw = dS_capped * (1 - tanh^2)
+            for (int64_t r = 0; r < kn; ++r)
+              for (int64_t cc = 0; cc < qn; ++cc) dpt[r * tq + cc] *= dmod[r * tq + cc];
+          cpu::gemm(kn, d, qn, st, tq, dout + p.do_st.at(b, h, si.q_off + q0), p.do_st.s, dva, d, started);
+          cpu::gemm(kn, d, qn, dpt, tq, q + p.q_st.at(b, h, si.q_off + q0), p.q_st.s, dka, d, started);
+          cpu::gemm(d, qn, kn, kt.get() + kbuf(b, kvh, kti), tk, dpt, tq, dqt_c + qo, tq, true);
           started = true;
         }
       }
       for (int64_t r = 0; r < kn; ++r) {
-        T* dkr = dk + p.dk_st.at(b, kvh, k0 + r);
-        T* dvr = dv + p.dv_st.at(b, kvh, k0 + r);
+        T* dkr = dk + p.dk_st.at(b, kvh, si.k_off + k0 + r);
+        T* dvr = dv + p.dv_st.at(b, kvh, si.k_off + k0 + r);
         if (started) {
           std::copy(dka + r * d, dka + r * d + d, dkr);
           std::copy(dva + r * d, dva + r * d + d, dvr);
@@ -196,16 +230,25 @@ void bwd_impl(const AttnParams& p) {
 
   cpu::run_tasks(cost, make, body);
 
-  // dQ = sum over chunks (in chunk order) of dQ^T, transposed back into dq's strides.
+  // dQ = sum over chunks (in chunk order) of dQ^T, transposed back into dq's strides. Chunks that own no
+  // key tile of sequence b (c >= nkt[b]) never zeroed its blocks: they are skipped.
   at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
-    for (int64_t bh = beg; bh < end; ++bh)
-      for (int64_t qi = 0; qi < nqt; ++qi) {
-        const int64_t q0 = qi * tq, qn = imin(tq, sq - q0);
-        T* dst = dq + p.dq_st.at(bh / hq, bh % hq, q0);
-        for (int64_t c = 0; c < nchunk; ++c)
-          cpu::transpose_scaled(dqt.get() + c * dq_elems + bh * qhead + qi * qblk, tq, d, qn, dst, p.dq_st.s,
-                                T(1), c > 0);
+    for (int64_t bh = beg; bh < end; ++bh) {
+      const int64_t b = bh / hq, h = bh % hq;
+      const SeqInfo& si = seqs[b];
+      for (int64_t qi = 0; qi < nqt[b]; ++qi) {
+        const int64_t q0 = qi * tq, qn = imin(tq, si.sq - q0);
+        T* dst = dq + p.dq_st.at(b, h, si.q_off + q0);
+        bool first = true;
+        for (int64_t c = 0; c < nchunk; ++c) {
+          if (c >= nkt[b]) break;
+          cpu::transpose_scaled(dqt.get() + c * qtotal + qbuf(b, h, qi), tq, d, qn, dst, p.dq_st.s, T(1), !first);
+          first = false;
+        }
+        if (first)
+          for (int64_t r = 0; r < qn; ++r) std::fill(dst + r * p.dq_st.s, dst + r * p.dq_st.s + d, T(0));
       }
+    }
   });
 }
 

@@ -34,11 +34,11 @@ struct FwdScratch {
 template <typename T>
 void fwd_impl(const AttnParams& p) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const int64_t nb = p.batch, hq = p.hq, hk = p.hk, sq = p.sq, sk = p.sk, d = p.d, grp = p.group();
-  if (nb == 0 || hq == 0 || sq == 0) return;
+  const int64_t nb = p.batch, hq = p.hq, hk = p.hk, d = p.d, grp = p.group();
+  if (nb == 0 || hq == 0 || p.sq == 0) return;
+  if (p.block_table) throw std::invalid_argument("cpu_fwd: paged K/V go through cpu_kvcache_fwd");
   const int64_t tq = p.sparse ? p.list_tq : kFwdTileQ;
   const int64_t tk = p.sparse ? p.list_tk : kFwdTileK;
-  const int64_t nqt = cdiv(sq, tq);
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -46,23 +46,42 @@ void fwd_impl(const AttnParams& p) {
   T* o = static_cast<T*>(p.o);
   T* lse = static_cast<T*>(p.lse);
 
-  // Pre-pass: kt[b, kvh] = scale * log2(e) * K^T, (D x Sk), the B operand of S = Q K^T. Scores are in
-  // base 2 from here on (tile_math.h), lse is converted back at the end.
-  const int64_t ldk = cpu::padded_ld(sk), kt_head = d * ldk;
-  std::unique_ptr<T[]> kt(new T[nb * hk * kt_head]);
+  // Sequences (one per batch entry; their own lengths and row offsets when the batch is packed).
+  std::vector<SeqInfo> seqs(nb);
+  for (int64_t b = 0; b < nb; ++b) seqs[b] = p.seq(b);
+
+  // Pre-pass: kt[b, kvh] = c * K^T, (D x Sk_b), the B operand of S = Q K^T, with c = scale * log2(e): scores
+  // are in base 2 from here on (tile_math.h), lse is converted back at the end. With a softcap, c = scale:
+  // the cap needs the natural-unit score, and score_mod_tile moves it to base 2.
+  const bool capped = p.softcap > 0;
+  const T kscale = static_cast<T>(capped ? p.scale : p.scale * kLog2e);
+  std::vector<int64_t> ldk(nb), kt_off(nb + 1, 0);
+  for (int64_t b = 0; b < nb; ++b) {
+    ldk[b] = cpu::padded_ld(seqs[b].sk);
+    kt_off[b + 1] = kt_off[b] + hk * d * ldk[b];
+  }
+  std::unique_ptr<T[]> kt(new T[kt_off[nb]]);
   at::parallel_for(0, nb * hk, 1, [&](int64_t beg, int64_t end) {
-    for (int64_t bh = beg; bh < end; ++bh)
-      cpu::transpose_scaled(k + p.k_st.at(bh / hk, bh % hk, 0), p.k_st.s, sk, d, kt.get() + bh * kt_head, ldk,
-                            static_cast<T>(p.scale * kLog2e));
+    for (int64_t bh = beg; bh < end; ++bh) {
+      const int64_t b = bh / hk, h = bh % hk;
+      const SeqInfo& s = seqs[b];
+      cpu::transpose_scaled(k + p.k_st.at(b, h, s.k_off), p.k_st.s, s.sk, d, kt.get() + kt_off[b] + h * d * ldk[b],
+                            ldk[b], kscale);
+    }
   });
 
-  // Tasks: t = (b * hq + h) * nqt + qt; cost = key tiles visited.
-  const int64_t ntasks = nb * hq * nqt;
-  std::vector<int64_t> cost(ntasks);
-  for (int64_t t = 0; t < ntasks; ++t) {
-    const int64_t qt = t % nqt, bh = t / nqt;
-    cost[t] = KeyTiles(p, bh / hq, bh % hq, qt, tq, tk).count();
-  }
+  // Tasks: (b, h, query tile) over every sequence's own tiles; cost = key tiles visited.
+  struct Task {
+    int64_t b, h, qt;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t h = 0; h < hq; ++h)
+      for (int64_t qt = 0; qt < cdiv(seqs[b].sq, tq); ++qt) {
+        tasks.push_back({b, h, qt});
+        cost.push_back(KeyTiles(p, b, h, qt, tq, tk).count());
+      }
 
   auto make = [&] {
     FwdScratch<T> w;
@@ -75,8 +94,11 @@ void fwd_impl(const AttnParams& p) {
   };
 
   auto body = [&](FwdScratch<T>& w, int64_t t) {
-    const int64_t qt = t % nqt, b = t / nqt / hq, h = (t / nqt) % hq, kvh = h / grp;
+    const int64_t b = tasks[t].b, h = tasks[t].h, qt = tasks[t].qt, kvh = h / grp;
+    const SeqInfo& sinfo = seqs[b];
+    const int64_t sq = sinfo.sq, sk = sinfo.sk;
     const int64_t q0 = qt * tq, qn = imin(tq, sq - q0);
+    const ScoreMod mod(p, b, h, sinfo);
     T* s = w.s.get();
     T* acc = w.acc.get();
     T* m = w.m.get();
@@ -86,8 +108,8 @@ void fwd_impl(const AttnParams& p) {
       m[r] = kNegInf;
       l[r] = 0;
     }
-    const T* qtile = q + p.q_st.at(b, h, q0);
-    const T* kth = kt.get() + (b * hk + kvh) * kt_head;
+    const T* qtile = q + p.q_st.at(b, h, sinfo.q_off + q0);
+    const T* kth = kt.get() + kt_off[b] + kvh * d * ldk[b];
     bool started = false;
 
     const KeyTiles tiles(p, b, h, qt, tq, tk);
@@ -98,8 +120,9 @@ void fwd_impl(const AttnParams& p) {
       if (k0 >= sk) continue;
       const int64_t kn = imin(tk, sk - k0);
 
-      cpu::gemm(qn, kn, d, qtile, p.q_st.s, kth + k0, ldk, s, tk, false);
-      if (tile_needs_mask(p, vis, q0, q0 + qn, k0, k0 + kn))
+      cpu::gemm(qn, kn, d, qtile, p.q_st.s, kth + k0, ldk[b], s, tk, false);
+      if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, s, tk, false, static_cast<T*>(nullptr));
+      if (tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn))
         cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
       cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
       if (started) {
@@ -110,13 +133,13 @@ void fwd_impl(const AttnParams& p) {
           for (int64_t c = 0; c < d; ++c) ar[c] *= a;
         }
       }
-      cpu::gemm(qn, d, kn, s, tk, v + p.v_st.at(b, kvh, k0), p.v_st.s, acc, d, started);
+      cpu::gemm(qn, d, kn, s, tk, v + p.v_st.at(b, kvh, sinfo.k_off + k0), p.v_st.s, acc, d, started);
       started = true;
     }
 
-    T* lrow = lse + b * p.lse_b + h * p.lse_h + q0;
+    T* lrow = lse + b * p.lse_b + h * p.lse_h + sinfo.q_off + q0;
     for (int64_t r = 0; r < qn; ++r) {
-      T* orow = o + p.o_st.at(b, h, q0 + r);
+      T* orow = o + p.o_st.at(b, h, sinfo.q_off + q0 + r);
       if (!started || !(l[r] > 0)) {
         for (int64_t c = 0; c < d; ++c) orow[c] = 0;
         lrow[r] = kNegInf;

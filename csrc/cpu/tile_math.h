@@ -132,7 +132,7 @@ template <typename T>
 void mask_tile(const AttnParams& p, const TileVisit& v, int64_t b, int64_t h, int64_t q0, int64_t qn,
                int64_t k0, int64_t kn, T* s, int64_t ld, bool transposed) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const Band band(p);
+  const Band band(p, b);
   const int64_t lines = transposed ? kn : qn, len = transposed ? qn : kn;
   for (int64_t r = 0; r < lines; ++r) {
     T* line = s + r * ld;
@@ -234,6 +234,73 @@ FA_CPU_INLINE f16 exp2(f16 x) {
   return (f16)(bits & keep);
 }
 }  // namespace vec
+
+// ---------------------------------------------------------------------------------------------------
+// Score modifiers (mask.h's ScoreMod) on a score tile, before masking. With a softcap the tile holds the
+// natural-unit scores s = scale * q.k and leaves as x = log2(e) * (cap * tanh(s / cap)); without one it
+// holds x = log2(e) * s already. Then ALiBi subtracts log2(e) * slope * |i + offset - j|. With dmod non-null
+// (the backward), dmod gets d(capped)/ds = 1 - tanh^2 at the same positions (ld shared with s).
+// tanh(y) = sign(y) (1 - e) / (1 + e) with e = 2^(-2 log2(e) |y|), on the vector exp2 above: a libm tanh
+// per score cost as much as the whole forward.
+
+FA_CPU_CLONES static void softcap_row_f32(float* x, int64_t n, float inv_cap, float out_mul, float* dmod) {
+  const int64_t nv = n - n % vec::kW;
+  const float k2 = -2.0f * 1.4426950408889634f;
+  auto one = [&](vec::f16 y, vec::f16& t, vec::f16& g) {
+    const vec::f16 a = y * inv_cap;
+    const vec::f16 ab = a < vec::splat(0.0f) ? -a : a;
+    const vec::f16 e = vec::exp2(ab * k2);
+    const vec::f16 th = (vec::splat(1.0f) - e) / (vec::splat(1.0f) + e);
+    t = a < vec::splat(0.0f) ? -th : th;
+    g = vec::splat(1.0f) - t * t;
+  };
+  for (int64_t c = 0; c < nv; c += vec::kW) {
+    vec::f16 t, g;
+    one(vec::load(x + c), t, g);
+    vec::store(x + c, t * out_mul);
+    if (dmod) vec::store(dmod + c, g);
+  }
+  if (nv < n) {
+    vec::f16 t, g;
+    one(vec::load_part(x + nv, n - nv, 0.0f), t, g);
+    vec::store_part(x + nv, t * out_mul, n - nv);
+    if (dmod) vec::store_part(dmod + nv, g, n - nv);
+  }
+}
+
+inline void softcap_row(float* x, int64_t n, double inv_cap, double out_mul, float* dmod) {
+  softcap_row_f32(x, n, static_cast<float>(inv_cap), static_cast<float>(out_mul), dmod);
+}
+inline void softcap_row(double* x, int64_t n, double inv_cap, double out_mul, double* dmod) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double t = std::tanh(x[c] * inv_cap);
+    x[c] = out_mul * t;
+    if (dmod) dmod[c] = 1.0 - t * t;
+  }
+}
+
+// Rows are query rows q0.. (transposed = false) or key rows k0.. (transposed = true, the backward's layout).
+template <typename T>
+void score_mod_tile(const ScoreMod& mod, int64_t q0, int64_t qn, int64_t k0, int64_t kn, T* s, int64_t ld,
+                    bool transposed, T* dmod) {
+  constexpr double kL2e = 1.4426950408889634074;
+  const int64_t lines = transposed ? kn : qn, len = transposed ? qn : kn;
+  for (int64_t r = 0; r < lines; ++r) {
+    T* line = s + r * ld;
+    if (mod.cap > 0) softcap_row(line, len, mod.inv_cap, kL2e * mod.cap, dmod ? dmod + r * ld : nullptr);
+    if (mod.slope != 0) {
+      const T a = static_cast<T>(kL2e * mod.slope);
+      // distance i + offset - j along the line: +1 per query step, -1 per key step
+      const int64_t d0 = transposed ? q0 + mod.offset - (k0 + r) : q0 + r + mod.offset - k0;
+      // In T arithmetic so the loop vectorises (exact: distances stay far below 2^24).
+      const T t0 = static_cast<T>(d0), step = transposed ? T(1) : T(-1);
+      for (int64_t c = 0; c < len; ++c) {
+        const T dd = t0 + step * static_cast<T>(c);
+        line[c] -= a * (dd < T(0) ? -dd : dd);
+      }
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Forward: one online-softmax step on a score tile s (rows x cols, ld), scores already scaled (base 2:

@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
     // Accumulator (n, e) of S^T / dP^T: key 16 kg + g + 8 (e / 2), query 8 n + 2 t + e % 2.
     static_assert(TQ / 8 * 4 == 32, "one mask bit per accumulator element");
     uint32_t vis = 0xffffffffu;
-    if (tile_needs_mask(p, cur, q0, q0 + TQ, k0, k0 + TK)) {
+    if (tile_needs_mask(p, cur, b, q0, q0 + TQ, k0, k0 + TK)) {
       vis = 0;
 #pragma unroll 1
       for (int j = 0; j < 32; ++j) {
@@ -614,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
     constexpr int kBits = TKS / 8 * 4;
     static_assert(kBits <= 32, "one mask bit per accumulator element");
     uint32_t vis = 0xffffffffu;
-    if (tile_needs_mask(p, cur, q0, q0 + TQ, k0, k0 + TK)) {
+    if (tile_needs_mask(p, cur, b, q0, q0 + TQ, k0, k0 + TK)) {
       vis = 0;
 #pragma unroll 1
       for (int j = 0; j < kBits; ++j) {

@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
       static_assert(C::kNS * 4 <= 64, "visibility mask is 64 bits");
       const int64_t k0 = static_cast<int64_t>(cur_tile) * C::kTk;
       const TileVisit cur{cur_tile, cur_partial};
-      const bool need_mask = tile_needs_mask(p, cur, q0 + wrow, q0 + wrow + 16, k0, k0 + C::kTk);
+      const bool need_mask = tile_needs_mask(p, cur, b, q0 + wrow, q0 + wrow + 16, k0, k0 + C::kTk);
       uint64_t vis = 0;
       // Rows all past Sq (the ragged last query tile): element_visible is false throughout; skip the loop.
       if (need_mask && q0 + wrow < p.sq) {

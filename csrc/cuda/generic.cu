@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     }
 
     const AttnParams& pm = opaque(p);
-    const bool masked = tile_needs_mask(pm, v, q0, q0 + kTile, k0, k0 + kTile);
+    const bool masked = tile_needs_mask(pm, v, b, q0, q0 + kTile, k0, k0 + kTile);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int il = ty + 16 * r;
@@ -336,7 +336,7 @@ __device__ __forceinline__ void tile_p_ds(const AttnParams& p, const TileVisit& 
 
   const T scale = static_cast<T>(p.scale);
   const AttnParams& pm = opaque(p);
-  const bool masked = tile_needs_mask(pm, v, q0, q0 + kTile, k0, k0 + kTile);
+  const bool masked = tile_needs_mask(pm, v, b, q0, q0 + kTile, k0, k0 + kTile);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int il = ty + 16 * r;

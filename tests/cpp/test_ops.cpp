@@ -33,14 +33,16 @@ void run_case(const char* name, int64_t sq, int64_t sk, int64_t wl, int64_t wr) 
                         .findSchemaOrThrow("fused_attn::fwd", "")
                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, double, int64_t, int64_t,
-                                                                  at::TensorList, at::IntArrayRef)>();
+                                                                  at::TensorList, at::IntArrayRef, double,
+                                                                  const std::optional<at::Tensor>&)>();
   static auto bwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fused_attn::bwd", "")
                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double,
-                            int64_t, int64_t, at::TensorList, at::IntArrayRef, bool)>();
-  auto [out, lse] = fwd.call(q.detach(), k.detach(), v.detach(), scale, wl, wr, {}, {});
+                            int64_t, int64_t, at::TensorList, at::IntArrayRef, bool, double,
+                            const std::optional<at::Tensor>&)>();
+  auto [out, lse] = fwd.call(q.detach(), k.detach(), v.detach(), scale, wl, wr, {}, {}, 0.0, std::nullopt);
 
   // The reference: explicit scores, the same bottom-right window rule.
   auto kk = k.repeat_interleave(2, 1), vv = v.repeat_interleave(2, 1);
@@ -59,7 +61,7 @@ void run_case(const char* name, int64_t sq, int64_t sk, int64_t wl, int64_t wr) 
   auto dout = torch::randn_like(ref);
   ref.backward(dout);
   auto [dq, dk, dv] = bwd.call(dout, q.detach(), k.detach(), v.detach(), out, lse, std::nullopt, scale, wl, wr,
-                               {}, {}, false);
+                               {}, {}, false, 0.0, std::nullopt);
   expect_close(name, dq, q.grad(), 1e-10);
   expect_close(name, dk, k.grad(), 1e-10);
   expect_close(name, dv, v.grad(), 1e-10);
