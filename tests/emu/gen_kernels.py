@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Turn the CUDA kernel sources into C++ the host emulator can compile.
 
-Reads csrc/cuda/{tc_common,bwd_common,fwd_kernel,bwd_kernel}.cuh and generic.cu and writes copies under
-OUT (default tests/emu/build/gen) in which, and only in which:
-  - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, %laneid, %tid,
-    the empty asm of generic.cu's opaque()) is replaced by a one-line call into tests/emu/emu_runtime.h;
+Reads csrc/cuda/{tc_common,bwd_common,score_mod,sequence,fwd_kernel,bwd_kernel}.cuh and generic.cu and
+writes copies under OUT (default tests/emu/build/gen) in which, and only in which:
+  - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, rcp.approx, %laneid,
+    %tid, the empty asm of generic.cu's opaque()) is replaced by a one-line call into tests/emu/emu_runtime.h;
   - the sm90-only branch of red_add_f32x2 becomes a run-time switch, so one binary runs both atomics;
   - `extern __shared__ ... smem[]` and `__shared__ T a[N], ...;` become pointers into the emulated
     block's shared memory;
@@ -39,6 +39,7 @@ REPLACE = {
                     "uint32_t b0, uint32_t b1) {\n  ::emu::mma_m16n8k16(c, a, b0, b1, "
                     "std::is_same<Elem, __nv_bfloat16>::value);\n}",
         "fast_exp2": "inline float fast_exp2(float x) { return ::emu::ex2_approx_ftz(x); }",
+        "fast_rcp": "inline float fast_rcp(float x) { return ::emu::rcp_approx_ftz(x); }",
     },
     "bwd_common.cuh": {
         "cp_async4": "inline void cp_async4(uint32_t sdst, const void* gsrc, bool pred) "
@@ -145,7 +146,8 @@ def main() -> int:
         shutil.copyfile(CSRC / f, out / f)
     for f in ("tiles.h", "launch.h"):
         shutil.copyfile(CSRC / "cuda" / f, out / "cuda" / f)
-    for f in ("tc_common.cuh", "bwd_common.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh", "generic.cu"):
+    for f in ("tc_common.cuh", "bwd_common.cuh", "score_mod.cuh", "sequence.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh",
+              "generic.cu"):
         text = convert(f, (CSRC / "cuda" / f).read_text())
         dst = out / "cuda" / f
         if not dst.exists() or dst.read_text() != text:  # keep mtimes when nothing changed
