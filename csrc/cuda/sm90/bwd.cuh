@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
       }
       int gi = 0, idx = 0, it = 0;
       TileVisit cur{-1, false};
-      while (bwd::next_query_item<C::TQ, C::TK>(p, b, h0, group, kt, gi, idx, cur)) {
+      while (bwd::next_query_item<C::TQ, C::TK>(SeqView<false>(p, b), h0, group, kt, gi, idx, cur)) {
         const int s = it % C::kStages;
         const uint32_t ph = (it / C::kStages) & 1;
         const int64_t h = h0 + gi;
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
   mbar_wait(barKV, 0);
   int gi = 0, idx = 0, it = 0;
   TileVisit cur{-1, false};
-  while (bwd::next_query_item<C::TQ, C::TK>(p, b, h0, group, kt, gi, idx, cur)) {
+  while (bwd::next_query_item<C::TQ, C::TK>(SeqView<false>(p, b), h0, group, kt, gi, idx, cur)) {
     const int s = it % C::kStages;
     const uint32_t ph = (it / C::kStages) & 1;
     const int64_t h = h0 + gi;
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
     // Visibility of this thread's 32 scores (bit 4 j + 2 i + e: key key0 + 8 i, query q0 + 8 j + 2 t + e),
     // while the item is still in flight.
     uint32_t vis = 0xffffffffu;
-    if (tile_needs_mask(p, cur, q0, q0 + C::TQ, k0, k0 + C::TK)) {
+    if (tile_needs_mask(p, cur, b, q0, q0 + C::TQ, k0, k0 + C::TK)) {
       vis = 0;
 #pragma unroll 1
       for (int x = 0; x < 32; ++x)

@@ -90,7 +90,7 @@ __device__ __forceinline__ uint64_t visible_bits(const AttnParams& p, int64_t b,
   static_assert(BN / 8 * 4 <= 64, "one bit per score");
   const int64_t k0 = static_cast<int64_t>(tile) * BN;
   const TileVisit cur{tile, partial};
-  need = tile_needs_mask(p, cur, wrow, wrow + 16, k0, k0 + BN);
+  need = tile_needs_mask(p, cur, b, wrow, wrow + 16, k0, k0 + BN);
   uint64_t vis = 0;
   if (need && wrow < p.sq) {
 #pragma unroll 1
