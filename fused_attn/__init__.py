@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from . import features, masks, reference
+from . import distributed, features, masks, reference
 from ._args import check_inputs, check_kvcache, check_mods, check_varlen
 from ._linear_ops import linear_attention as _linear_attention
 from ._ops import build_info, sparse_args
 from ._sparse import BlockMask
+from .integrations import sdpa as _sdpa
 
 __all__ = ["flash", "flash_varlen", "flash_kvcache", "linear_attention", "block_mask", "build_info", "BlockMask",
-           "features", "masks", "reference"]
+           "features", "masks", "reference", "distributed"]
 __version__ = "0.1.0"
+
+# SDPA backend provider "fused_attn": registered (never activated) where torch has the registry (>= 2.9);
+# torch.nn.attention.activate_flash_attention_impl("fused_attn") switches it on.
+_sdpa.register()
 
 
 def flash(q, k, v, *, causal=False, window=None, block_mask=None, scale=None, softcap=0.0, alibi_slopes=None,
