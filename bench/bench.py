@@ -564,6 +564,14 @@ def machine_name(device) -> str:
     return f"cpu-{core_count()}cores"
 
 
+def wait_idle(limit: float, poll_s: float = 15.0) -> float:
+    """Sleeps until the 1-minute load average is below limit; returns the seconds waited."""
+    start = time.time()
+    while os.getloadavg()[0] >= limit:
+        time.sleep(poll_s)
+    return time.time() - start
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -634,6 +642,8 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out")
     ap.add_argument("--flex-cpu", action="store_true", help="also run FlexAttention on the CPU (slow compile)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--wait-idle", type=float, default=None, metavar="LOAD",
+                    help="before each case, wait until the 1-minute load average is below LOAD (shared machines)")
     ap.add_argument("--tag", default="", help="write results-<tag>.json/.csv and <tag>_*.png (keeps other runs)")
     opts = ap.parse_args(argv)
 
@@ -688,7 +698,14 @@ def main(argv=None):
     rows, t0 = [], time.time()
     for n, case in enumerate(cases, 1):
         print(f"[{n}/{len(cases)} {time.time() - t0:6.1f}s] {case.describe()}", flush=True)
+        if opts.wait_idle is not None:
+            waited = wait_idle(opts.wait_idle)
+            if waited:
+                print(f"    waited {waited:.0f} s for the load average to fall below {opts.wait_idle}", flush=True)
+        load_before = os.getloadavg()[0]
         case_rows = run_case(case, impls, device, opts)
+        for r in case_rows:  # the machine's 1-minute load average around the case, for the reader
+            r["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         for r in case_rows:
             if r["ms"] is not None:
                 print(f"    {r['impl']:<17} {r['ms']:9.3f} ms  {r['tflops']:8.3f} TFLOP/s  "

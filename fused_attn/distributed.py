@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops  # noqa: F401  (registers torch.ops.fused_attn)
-from ._args import _shape, check_inputs, check_tensor
+from ._args import _shape, check_inputs, check_softcap
 
 __all__ = ["ring_flash", "shard", "unshard"]
 
@@ -357,7 +357,7 @@ class _Config:
     timeout: datetime.timedelta
     plan: _Plan
     scale: float
-    softcap_args: tuple
+    softcap: float
     acc_dtype: torch.dtype
     compute_dtype: torch.dtype  # what the kernels are given (see _compute_dtype)
 
@@ -370,20 +370,6 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return t.dtype
-
-
-def _has_softcap() -> bool:
-    return any(a.name == "softcap" for a in torch.ops.fused_attn.fwd.default._schema.arguments)
-
-
-def _check_softcap(softcap) -> float:
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap: expected a float (0 disables it), got {type(softcap).__name__}")
-    if not math.isfinite(float(softcap)) or softcap < 0:
-        raise ValueError(f"softcap: expected a finite float >= 0 (0 disables it), got {softcap}")
-    if softcap and not _has_softcap():
-        raise ValueError(f"softcap: got {softcap}, but this build's fused_attn ops take no softcap")
-    return float(softcap)
 
 
 class _Transfers:
@@ -461,7 +447,7 @@ def _take_kv(cfg: _Config, tr: _Transfers, t: int, held: dict) -> None:
 
 
 def _op_fwd(cfg, q, k, v, c: _Call):
-    return torch.ops.fused_attn.fwd(q, k, v, cfg.scale, c.left, c.right, [], [], *cfg.softcap_args)
+    return torch.ops.fused_attn.fwd(q, k, v, cfg.scale, c.left, c.right, [], [], cfg.softcap)
 
 
 def _merge(acc_o: torch.Tensor, acc_l: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
@@ -549,7 +535,7 @@ def _ring_backward(cfg: _Config, dout, dlse, q, k, v, out, lse):
             gq, gk, gv = torch.ops.fused_attn.bwd(
                 dout[:, :, rows], q[:, :, rows], kb[:, :, keys], vb[:, :, keys], out[:, :, rows],
                 lse[:, :, rows], None if dlse is None else dlse[:, :, rows], cfg.scale, c.left, c.right, [], [],
-                False, *cfg.softcap_args)
+                False, cfg.softcap)
             dq[:, :, rows] += gq
             dk_acc[:, :, c.k0 - acc_off:c.k1 - acc_off] += gk
             dv_acc[:, :, c.k0 - acc_off:c.k1 - acc_off] += gv
@@ -662,7 +648,7 @@ def ring_flash(q, k, v, *, group=None, causal=False, window=None, scale=None, so
             raise ValueError(f"k: expected this rank's part of the same sequence as q (length {q.shape[2]}), "
                              f"got shape {_shape(k)}")
         _check_divisible("q", q.shape[2] * world, world, layout, per_rank=True)
-        checked["softcap"] = _check_softcap(softcap)
+        checked["softcap"] = check_softcap(softcap)
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check_device(group, t, name)
 
@@ -677,7 +663,7 @@ def ring_flash(q, k, v, *, group=None, causal=False, window=None, scale=None, so
     n = q.shape[2]
     cfg = _Config(fn=fn, group=group, rank=rank, world=world, device=q.device, timeout=_timeout(group, q.device),
                   plan=_plan(world, n, layout, left, right), scale=sc,
-                  softcap_args=(checked["softcap"],) if _has_softcap() else (),
+                  softcap=checked["softcap"],
                   acc_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                   compute_dtype=_compute_dtype(q))
     out, lse = _RingFlash.apply(qq, kk.contiguous(), vv.contiguous(), cfg)
@@ -770,6 +756,6 @@ def unshard(x_local, *, group=None, layout="zigzag", dim=2):
                      ("device", x_local.device.type), ("layout", layout), ("dim", checked["dim"]))
     _exchange(group, rank, world, fn, error, signature)
     cfg = _Config(fn=fn, group=group, rank=rank, world=world, device=x_local.device,
-                  timeout=_timeout(group, x_local.device), plan=None, scale=0.0, softcap_args=(),
+                  timeout=_timeout(group, x_local.device), plan=None, scale=0.0, softcap=0.0,
                   acc_dtype=x_local.dtype, compute_dtype=x_local.dtype)
     return _Unshard.apply(x_local, cfg, layout, checked["dim"])

@@ -184,17 +184,15 @@ def group_checks(group):
         checks.append((name, lambda kind=kind, words=words, fn=fn: expect_error(kind, words, fn)))
 
     def softcap():
-        import fused_attn
-        from fused_attn.distributed import _has_softcap
-
-        if not _has_softcap():
-            expect_error(ValueError, ["softcap", "no softcap"], lambda: ring(*make(10), softcap=5.0))
-            return "SKIP: this build's ops take no softcap"
-        if "softcap" not in fused_attn.flash.__code__.co_varnames:
-            return "SKIP: flash() takes no softcap"
+        # Capped scores are merged like any others: their lse is what the kernels return.
         spec = case_spec("float64-zigzag-window_wide-d40")
         spec["kw"] = dict(causal=True, softcap=5.0)
-        return check_ring(spec, group=group)
+        got = check_ring(spec, group=group)
+        spec = case_spec("float32-contiguous-window_narrow-d64")
+        spec["kw"] = dict(window=(3, 2), softcap=2.0)
+        check_ring(spec, group=group)
+        expect_error(ValueError, ["softcap", "-1"], lambda: ring(*make(10), softcap=-1.0))
+        return got
 
     checks.append(("softcap", softcap))
     return checks

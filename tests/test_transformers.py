@@ -118,6 +118,27 @@ def test_greedy_generate_matches_eager(kind, padding):
     assert torch.equal(got, want), f"first difference at token {(got != want).nonzero()[0].tolist()}"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generate_static_cache_matches_eager(kind):
+    """A static cache is longer than the tokens seen so far: its unfilled slots must stay unseen."""
+    eager, _, fused = models(kind)
+    ids, mask = batch("left", seed=4)
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        want = eager.generate(input_ids=ids, attention_mask=mask, **kw)
+        got = fused.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want), f"first difference at token {(got != want).nonzero()[0].tolist()}"
+    # a forward in two chunks through a static cache, without any attention mask
+    ids, _ = batch("none", seed=5)
+    logits = []
+    for m in (eager, fused):
+        cache = transformers.StaticCache(config=m.config, max_cache_len=40)
+        with torch.no_grad():
+            logits.append(torch.cat([m(input_ids=ids[:, s], past_key_values=cache).logits for s in
+                                     (slice(0, 13), slice(13, 21))], dim=1))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 def token_loss_sum(model, ids, mask):
     """Summed next-token cross-entropy over the real tokens, from the padded batch in one call."""
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -298,7 +298,10 @@ inline void mod_row(double* x, int64_t n, double inv_cap, double cap_mul, double
                     double* dmod) {
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < n; ++c) {
-    if (x[c] == kNegInf) continue;
+    if (x[c] == kNegInf) {  // masked: stays -inf; its dmod must still be written (P = 0 there, 0 * junk = NaN)
+      if (dmod) dmod[c] = 0.0;
+      continue;
+    }
     double y = x[c];
     if (inv_cap > 0) {
       const double t = std::tanh(y * inv_cap);

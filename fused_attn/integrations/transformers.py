@@ -10,7 +10,9 @@ register() is called.
 What a model's attention call becomes (query (B, Hq, Sq, D), key/value (B, Hk, Sk, D), the KV cache already
 appended by the model):
   - no padding: fused_attn.flash(q, k, v, causal=...), Sq != Sk aligned bottom-right, which is where the
-    cached keys of generate() sit; GQA/MQA with Hk < Hq as they are (no repeat_kv).
+    cached keys of generate() sit; GQA/MQA with Hk < Hq as they are (no repeat_kv). A static cache
+    (cache_implementation="static") is longer than the tokens seen: the mask function then marks its
+    unfilled slots and only the filled ones are attended.
   - a padding mask (a 2-D (B, Sk) bool mask: register() also adds a mask function under the same name, so
     the model hands over the key padding mask rather than a 4-D mask): the real tokens are gathered into a
     packed batch, run through fused_attn.flash_varlen, and scattered back (padded query rows get 0).
@@ -58,6 +60,13 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         raise ValueError(f"attention_chunk_size: chunked attention ({config.attention_chunk_size}) is not served by "
                          "fused_attn's transformers backend; use attn_implementation='sdpa' or 'eager'")
     if attention_mask is None:
+        seen = q_offset + q_length  # tokens in the cache after this step (q_offset may be a 0-d tensor)
+        if isinstance(seen, torch.Tensor):
+            seen = int(seen)
+        if kv_length > seen:
+            # a static cache: its slots past the tokens seen so far hold no keys yet; a mask over the filled
+            # slots only makes the attention call drop the rest (the queries are the last filled slots)
+            return torch.ones(batch_size, seen, dtype=torch.bool, device=kwargs.get("device"))
         return None
     mask = attention_mask[:, -kv_length:].to(torch.bool)
     if mask.shape[1] == kv_length and bool(mask.all()):
@@ -107,10 +116,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     b, hq, sq, d = query.shape
     sk = key.shape[2]
     if attention_mask is not None:
-        if attention_mask.shape != (b, sk):
-            raise ValueError(f"attention_mask: expected shape ({b}, {sk}) (batch, key length), got "
+        if attention_mask.shape[0] != b or not sq <= attention_mask.shape[1] <= sk:
+            raise ValueError(f"attention_mask: expected shape ({b}, L) with {sq} <= L <= {sk} (batch, keys), got "
                              f"{tuple(attention_mask.shape)}")
-        return _padded(query, key, value, attention_mask.to(torch.bool), opts), None
+        if attention_mask.shape[1] < sk:
+            # a static cache longer than the tokens seen: the mask covers the filled slots, which come first
+            n = attention_mask.shape[1]
+            key, value = key[:, :, :n], value[:, :, :n]
+        mask = attention_mask.to(torch.bool)
+        if not bool(mask.all()):
+            return _padded(query, key, value, mask, opts), None
     cu = _packed_boundaries(kwargs, b, sq, sk, query.device)
     if cu is not None:
         return _packed(query, key, value, cu, opts), None

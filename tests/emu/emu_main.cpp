@@ -22,6 +22,12 @@
 using Elem = EMU_T;
 using Lse = EMU_T;
 constexpr int kHD = 0;
+#elif defined(EMU_SM90)
+#include "cuda/sm90/bwd.cuh"
+#include "cuda/sm90/fwd.cuh"
+using Elem = EMU_ELEM;
+using Lse = float;
+constexpr int kHD = EMU_HD;
 #else
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/fwd_kernel.cuh"
@@ -125,6 +131,7 @@ std::vector<Case> cases(int hd) {
   c.push_back({"sparse_causal", 1, 2, 2, 193, 193, hd ? full : 256, -1, 0, 32, 16, false, false, false});
   c.push_back({"single", 1, 1, 1, 1, 1, hd ? full : 1, -1, -1, 0, 0, false, true, false});
   c.push_back({"ragged_small_d", 1, 2, 1, 97, 130, hd ? std::max(8, hd - 24) : 59, -1, -1, 0, 0, false, true, true});
+#ifndef EMU_SM90  // the Hopper kernels take neither packed batches nor score modifiers yet
   // Packed batches: lengths 0 and 1, Sq_b != Sk_b both ways, a sequence without keys and one without queries,
   // GQA; the second gets max_seqlen above the longest lengths.
   Case v1{"varlen_causal", 6, 4, 2, 130, 150, hd ? full : 40, -1, 0, 0, 0, false, true, false};
@@ -155,6 +162,9 @@ std::vector<Case> cases(int hd) {
   m4.alibi = 1;
   m4.qmul = 2;
   c.push_back(m4);
+#endif
+  // Many key tiles per query tile and query tiles per key tile: pipelines and rings wrap several times.
+  c.push_back({"many_tiles", 1, 2, 1, 300, 700, full, -1, -1, 0, 0, false, false, true});
   return c;
 }
 
@@ -489,7 +499,11 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
     p.alibi_b = c.alibi == 2 ? c.Hq : 0;
   }
   const int64_t lse_b = var ? 0 : static_cast<int64_t>(c.Hq) * TQ;
+#ifdef EMU_SM90
+  const TileShape tiles = sm90_tiles(kHD);
+#else
   const TileShape tiles = kTc ? tc_tiles(kHD) : kGenericTiles;
+#endif
   Lists fkv, bkv, bq;
   if (c.bq) {
     p.sparse = true;
@@ -534,6 +548,8 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
     try {
 #ifdef EMU_GENERIC
       generic_fwd(f, sizeof(Elem) == 4 ? DType::f32 : DType::f64, nullptr);
+#elif defined(EMU_SM90)
+      sm90_fwd_run<Elem, kHD>(f, nullptr);
 #else
       tc_fwd_run<Elem, kHD>(f, nullptr);
 #endif
@@ -610,13 +626,23 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
     emu::add_region("dout", dout.buf.data(), dout.buf.size() * sizeof(Elem), false);
     emu::add_region("delta", delta.data(), delta.size() * sizeof(Lse), true);
     if (!deterministic) emu::add_region("dq_accum", dq_accum.data(), dq_accum.size() * sizeof(float), true);
+    // The outputs (written by TMA stores in the Hopper kernels, which check their targets against these).
+    emu::add_region("dq", dq.buf.data(), dq.buf.size() * sizeof(Elem), true);
+    emu::add_region("dk", dk.buf.data(), dk.buf.size() * sizeof(Elem), true);
+    emu::add_region("dv", dv.buf.data(), dv.buf.size() * sizeof(Elem), true);
     const int sm_saved = emu::g_cfg.sm;
+#ifdef EMU_SM90
+    if (!deterministic) emu::g_cfg.sm = 90;  // sm_90a code: the float2 atomic of red_add_f32x2
+#else
     if (!deterministic) emu::g_cfg.sm = (seed & 1) ? 90 : 80;
+#endif
     const long e0 = emu::g_errors.load();
     std::string thrown;
     try {
 #ifdef EMU_GENERIC
       generic_bwd(g, sizeof(Elem) == 4 ? DType::f32 : DType::f64, nullptr);
+#elif defined(EMU_SM90)
+      sm90_bwd_run<Elem, kHD>(g, nullptr);
 #else
       tc_bwd_run<Elem, kHD>(g, nullptr);
 #endif
@@ -643,7 +669,7 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
             }
     char pass[32];
     std::snprintf(pass, sizeof pass, "%s", deterministic ? (kTc ? "bwd-det" : "backward")
-                                                         : (seed & 1) ? "bwd-sm90" : "bwd-sm80");
+                                                         : emu::g_cfg.sm >= 90 || (seed & 1) ? "bwd-sm90" : "bwd-sm80");
     report(tot, c, pass, parts, emu::g_errors.load() - e0, thrown);
   }
 }
@@ -666,6 +692,11 @@ int main(int argc, char** argv) {
       filter = a;
     }
   }
+#ifdef EMU_SM90
+  emu::g_cfg.max_smem = 232448;  // sm90's opt-in limit (227 KB)
+  emu::g_cfg.track_s90 = true;
+  emu::g_cfg.sm = 90;
+#endif
   Totals tot;
   const auto cs = cases(kHD);
   for (size_t i = 0; i < cs.size(); ++i)

@@ -44,6 +44,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -71,6 +72,8 @@ struct Config {
   bool eager_copy = false;       // cp.async lands at issue instead of at the wait
   unsigned seed = 1;
   int verbose = 0;
+  size_t max_smem = 166912;      // dynamic shared memory a launch may use (sm90 binaries: 232448)
+  bool track_s90 = false;        // knowledge tracking of the Hopper primitives (emu_sm90.h)
 };
 inline Config g_cfg;
 
@@ -157,21 +160,35 @@ struct Warp {
   WarpSlot slot[32];
 };
 
+struct ThreadState;
+struct S90Block;   // Hopper state of a block (emu_sm90.h): mbarriers, named barriers, warpgroups
+struct S90Thread;  // Hopper state of a thread: knowledge vector, wgmma and bulk-copy groups
+inline void s90_block_delete(S90Block*);
+inline void s90_thread_delete(S90Thread*);
+
 struct Block {
   int nthreads = 0, nwarps = 0;
   size_t dyn_bytes = 0;
-  // Block barrier and warp scheduling, under m. A thread that must wait sleeps on its warp's condition
-  // variable, so handing the turn to one warp wakes 32 threads, not the whole block.
+  // Every blocking wait (barriers, mbarriers, warpgroup rendezvous) and the warp scheduling, under m.
+  // In the serial orders one warp runs at a time: it keeps the turn until each of its live lanes is
+  // blocked in a wait (or gone), then schedule() hands the turn to the next warp of the order with a
+  // lane whose wait condition holds. A thread waiting for the turn sleeps on its warp's condition
+  // variable, so handing the turn to one warp wakes 32 threads, not the whole block. In the free order
+  // every thread runs at once and waiters sleep on any_cv, which every state change notifies.
   std::mutex m;
   std::vector<std::unique_ptr<std::condition_variable>> wcv;
-  int live = 0, arrived = 0;
-  int64_t gen = 0;
-  std::vector<int> live_in_warp, pending, order;
-  int pos = 0;
+  std::condition_variable any_cv;
+  int live = 0, arrived = 0;   // __syncthreads: live threads, threads waiting in it
+  int64_t gen = 0;             // __syncthreads completed
+  std::vector<int> live_in_warp, active, order;  // active: live lanes not blocked in a wait
+  int pos = -1, cur = -1;      // position in order of the warp whose turn it is; that warp
   std::mt19937 rng;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<ThreadState*> threads;
   std::mutex shadow_mu;
   std::vector<Shadow> shadow;
+  S90Block* s90 = nullptr;
+  ~Block() { s90_block_delete(s90); }
 };
 inline Block* g_block = nullptr;
 
@@ -181,12 +198,18 @@ struct ThreadState {
   std::vector<CpOp> open;
   std::deque<std::vector<CpOp>> groups;
   size_t static_off = 0;
+  // Scheduling (under Block::m).
+  bool blocked = false, exited = false;
+  std::function<bool()> cond;  // what a blocked thread waits for
+  const char* what = "";
+  S90Thread* s90 = nullptr;
+  ~ThreadState() { s90_thread_delete(s90); }
 };
 inline thread_local ThreadState* t_self = nullptr;
 
 inline bool serial() { return g_cfg.order != Order::free; }
 
-constexpr auto kHangAfter = std::chrono::seconds(180);
+inline const std::chrono::seconds kHangAfter{std::getenv("EMU_HANG_SECONDS") ? std::atoi(std::getenv("EMU_HANG_SECONDS")) : 180};
 
 template <typename Pred>
 inline void wait_or_die(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, Pred pred, const char* what) {
@@ -194,46 +217,149 @@ inline void wait_or_die(std::condition_variable& cv, std::unique_lock<std::mutex
     if (cv.wait_for(lk, kHangAfter) == std::cv_status::timeout && !pred()) fatal(what);
 }
 
-// Next interval's warp order (locked).
+// A new round of the warp order (locked).
 inline void new_order(Block& B) {
   for (int w = 0; w < B.nwarps; ++w) B.order[w] = w;
   if (g_cfg.order == Order::serial_rev) std::reverse(B.order.begin(), B.order.end());
   if (g_cfg.order == Order::serial_random) std::shuffle(B.order.begin(), B.order.end(), B.rng);
-  B.pos = 0;
+  B.pos = -1;
 }
-// Hand the turn on past warps that are all at the barrier (or gone), and wake the warp whose turn it is.
-inline void advance(Block& B) {
-  const int before = B.pos;
-  while (B.pos < B.nwarps && B.pending[B.order[B.pos]] == 0) ++B.pos;
-  if (serial() && B.pos != before && B.pos < B.nwarps) B.wcv[B.order[B.pos]]->notify_all();
+
+inline std::string s90_state(Block& B);
+
+// What every warp is doing (locked): for deadlock reports.
+inline std::string block_state(Block& B) {
+  std::string s = s90_state(B);
+  for (int w = 0; w < B.nwarps; ++w) {
+    s += "\n    warp " + std::to_string(w) + (w == B.cur ? " (has the turn)" : "") + ": " +
+         std::to_string(B.live_in_warp[w]) + " live, " + std::to_string(B.active[w]) + " runnable";
+    const char* last = nullptr;
+    for (int l = 0; l < 32; ++l) {
+      ThreadState* t = B.threads[w * 32 + l];
+      if (!t->exited && t->blocked && t->what != last) {
+        s += std::string("; lane ") + std::to_string(l) + " waits in " + t->what;
+        last = t->what;
+      }
+    }
+  }
+  return s;
 }
+
+[[noreturn]] inline void deadlock(Block& B) {
+  const std::string s = "deadlock: no thread can run" + block_state(B);
+  fatal(s.c_str());
+}
+
+// Locked, serial orders: the warp whose turn it is has no runnable lane. Hand the turn to the next warp of
+// the order (a new round after the last one) with a blocked lane whose condition now holds; those lanes
+// become runnable. The conditions of blocked lanes change only when some thread runs, so one full round
+// without a runnable warp is a deadlock.
+inline void schedule(Block& B) {
+  if (B.live == 0) return;
+  // A new round reshuffles the order, so count the distinct warps tried, not the tries.
+  std::vector<char> tried(B.nwarps, 0);
+  int distinct = 0;
+  for (int tries = 0; distinct < B.nwarps && tries < 4 * B.nwarps + 4; ++tries) {
+    if (++B.pos >= B.nwarps) {
+      new_order(B);
+      B.pos = 0;
+    }
+    const int w = B.order[B.pos];
+    if (!tried[w]) {
+      tried[w] = 1;
+      ++distinct;
+    }
+    if (B.live_in_warp[w] == 0) continue;
+    for (int l = 0; l < 32; ++l) {
+      ThreadState* t = B.threads[w * 32 + l];
+      if (!t->exited && t->blocked && t->cond()) {
+        t->blocked = false;
+        ++B.active[w];
+      }
+    }
+    if (B.active[w] > 0) {
+      B.cur = w;
+      B.wcv[w]->notify_all();
+      return;
+    }
+  }
+  deadlock(B);
+}
+
+// Locked: something a waiter may wait for changed. Free order: wake every waiter to re-check. Serial
+// orders: lanes of the warp that has the turn whose wait now holds become runnable at once, so that a
+// warp's lanes go on together (a lane that ran ahead into a warp collective would otherwise spin for
+// lanes still parked in the scheduler).
+inline void state_changed(Block& B) {
+  if (!serial()) {
+    B.any_cv.notify_all();
+    return;
+  }
+  if (B.cur < 0) return;
+  bool woke = false;
+  for (int l = 0; l < 32; ++l) {
+    ThreadState* t = B.threads[B.cur * 32 + l];
+    if (!t->exited && t->blocked && t->cond()) {
+      t->blocked = false;
+      ++B.active[B.cur];
+      woke = true;
+    }
+  }
+  if (woke) B.wcv[B.cur]->notify_all();
+}
+
+// Locked: wait until cond() holds. Serial orders: the thread gives up its lane's claim on the turn
+// (yield = true: even when cond() already holds, so that the order is redrawn, as after __syncthreads).
+inline void block_until(std::unique_lock<std::mutex>& lk, const std::function<bool()>& cond, const char* what,
+                        bool yield = false) {
+  Block& B = *g_block;
+  ThreadState& me = *t_self;
+  if (!serial()) {
+    const auto start = std::chrono::steady_clock::now();
+    while (!cond()) {
+      B.any_cv.wait_for(lk, std::chrono::milliseconds(20));
+      if (std::chrono::steady_clock::now() - start > kHangAfter && !cond()) {
+        std::string s = std::string("never completed: ") + what + " (deadlock)";
+        fatal(s.c_str());
+      }
+    }
+    return;
+  }
+  if (!yield && cond()) return;
+  me.blocked = true;
+  me.cond = cond;
+  me.what = what;
+  if (--B.active[me.warp] == 0 && B.cur == me.warp) schedule(B);
+  while (!(!me.blocked && B.cur == me.warp))
+    if (B.wcv[me.warp]->wait_for(lk, kHangAfter) == std::cv_status::timeout && !(!me.blocked && B.cur == me.warp)) {
+      const std::string s = std::string("no progress for a long time while waiting in ") + what +
+                            " (a warp that has the turn never gives it up: a collective some lanes never reach?)" +
+                            block_state(B);
+      fatal(s.c_str());
+    }
+}
+
+inline void s90_on_syncthreads_arrive(ThreadState& me);
+inline void s90_on_syncthreads_done(ThreadState& me);
+inline void s90_on_syncthreads_complete(Block& B);
+
 inline void complete_barrier(Block& B) {
   ++B.gen;
   B.arrived = 0;
-  B.pending = B.live_in_warp;
-  new_order(B);
-  B.pos = 0;
-  while (B.pos < B.nwarps && B.pending[B.order[B.pos]] == 0) ++B.pos;
-  if (serial()) {
-    if (B.pos < B.nwarps) B.wcv[B.order[B.pos]]->notify_all();
-  } else {
-    for (auto& cv : B.wcv) cv->notify_all();
-  }
+  s90_on_syncthreads_complete(B);
+  new_order(B);  // every warp restarts in a fresh order after the barrier
+  state_changed(B);
 }
-inline bool my_turn(const Block& B, int warp) { return !serial() || (B.pos < B.nwarps && B.order[B.pos] == warp); }
 
 inline void syncthreads() {
   Block& B = *g_block;
   ThreadState& me = *t_self;
   std::unique_lock<std::mutex> lk(B.m);
   const int64_t gen = B.gen;
-  ++B.arrived;
-  --B.pending[me.warp];
-  advance(B);
-  if (B.arrived == B.live) complete_barrier(B);
-  wait_or_die(*B.wcv[me.warp], lk, [&] { return B.gen != gen && my_turn(B, me.warp); },
-              "__syncthreads never completed (deadlock: a thread waits in a barrier or warp collective "
-              "that others never reach)");
+  s90_on_syncthreads_arrive(me);
+  if (++B.arrived == B.live) complete_barrier(B);
+  block_until(lk, [&B, gen] { return B.gen != gen; }, "__syncthreads", true);
+  s90_on_syncthreads_done(me);
   ++me.epoch;
 }
 
@@ -258,6 +384,8 @@ inline void warp_barrier(Warp& W) {
   }
 }
 
+inline void s90_on_thread_exit(ThreadState& me);
+
 inline void thread_exit() {
   Block& B = *g_block;
   ThreadState& me = *t_self;
@@ -277,11 +405,14 @@ inline void thread_exit() {
     }
   }
   std::lock_guard<std::mutex> lk(B.m);
+  s90_on_thread_exit(me);
+  me.exited = true;
   --B.live;
   --B.live_in_warp[me.warp];
-  --B.pending[me.warp];
-  advance(B);
+  --B.active[me.warp];
   if (B.arrived > 0 && B.arrived == B.live) complete_barrier(B);
+  state_changed(B);
+  if (serial() && B.cur == me.warp && B.active[me.warp] == 0) schedule(B);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -545,9 +676,13 @@ inline const void* fn_key(F* f) {
   return reinterpret_cast<const void*>(f);
 }
 
-// One binary serves sm80 and sm90, so every launch must fit sm80's opt-in limit (163 KB), whichever
-// atomic path Config::sm selects.
-inline size_t smem_limit() { return 166912; }
+// Dynamic shared memory a launch may use: sm80's opt-in limit (163 KB) for the mma.sync binaries (one
+// binary serves sm80 and sm90 there, whichever atomic path Config::sm selects); sm90's (227 KB) for the
+// Hopper binaries (Config::max_smem).
+inline size_t smem_limit() { return g_cfg.max_smem; }
+
+inline void s90_block_begin(Block& B);
+inline void s90_block_end(Block& B);
 
 template <typename Body>
 inline void launch(const void* key, const char* name, Body body, dim3 grid, dim3 block, size_t dyn = 0,
@@ -568,7 +703,7 @@ inline void launch(const void* key, const char* name, Body body, dim3 grid, dim3
     return;
   }
   if (dyn > static_cast<size_t>(attr) || dyn > smem_limit()) {
-    error("%zu bytes of dynamic smem: attribute allows %d, sm80 allows %zu", dyn, attr, smem_limit());
+    error("%zu bytes of dynamic smem: attribute allows %d, the target allows %zu", dyn, attr, smem_limit());
     g_last_error = cudaErrorInvalidValue;
     return;
   }
@@ -584,7 +719,7 @@ inline void launch(const void* key, const char* name, Body body, dim3 grid, dim3
         B.dyn_bytes = dyn;
         B.live = nthreads;
         B.live_in_warp.assign(B.nwarps, 32);
-        B.pending = B.live_in_warp;
+        B.active.assign(B.nwarps, 0);
         B.order.resize(B.nwarps);
         B.rng.seed(g_cfg.seed * 7919u + bx * 131u + by * 17u + bz);
         new_order(B);
@@ -592,31 +727,49 @@ inline void launch(const void* key, const char* name, Body body, dim3 grid, dim3
           B.warps.push_back(std::make_unique<Warp>());
           B.wcv.push_back(std::make_unique<std::condition_variable>());
         }
+        std::vector<std::unique_ptr<ThreadState>> states;
+        for (int tid = 0; tid < nthreads; ++tid) {
+          states.push_back(std::make_unique<ThreadState>());
+          ThreadState& t = *states.back();
+          t.tid = tid;
+          t.warp = tid >> 5;
+          t.lane = tid & 31;
+          // Every thread starts as if blocked in a wait that holds: the scheduler hands out the first turn.
+          t.blocked = serial();
+          t.cond = [] { return true; };
+          t.what = "block start";
+          B.threads.push_back(&t);
+        }
+        if (!serial()) B.active.assign(B.nwarps, 32);
         B.shadow.assign(dyn / 4, Shadow{});
         std::memset(g_smem, 0xff, kArena);
         g_block = &B;
+        s90_block_begin(B);
         std::vector<std::thread> threads;
         threads.reserve(nthreads);
+        {
+          std::lock_guard<std::mutex> lk(B.m);
+          if (serial()) schedule(B);
+        }
         for (int tid = 0; tid < nthreads; ++tid)
           threads.emplace_back([&, tid] {
-            ThreadState me;
-            me.tid = tid;
-            me.warp = tid >> 5;
-            me.lane = tid & 31;
+            ThreadState& me = *B.threads[tid];
             t_self = &me;
             threadIdx = uint3{static_cast<unsigned>(tid), 0, 0};
             blockIdx = uint3{bx, by, bz};
             blockDim = block;
             gridDim = grid;
-            {
+            if (serial()) {
               std::unique_lock<std::mutex> lk(B.m);
-              wait_or_die(*B.wcv[me.warp], lk, [&] { return my_turn(B, me.warp); }, "block start");
+              wait_or_die(*B.wcv[me.warp], lk, [&] { return !me.blocked && B.cur == me.warp; }, "block start");
             }
             body();
             thread_exit();
           });
         for (auto& th : threads) th.join();
+        s90_block_end(B);
         g_block = nullptr;
+        B.threads.clear();
       }
   g_kernel = "(host)";
 }
@@ -643,6 +796,17 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   emu::collective(emu::kShfl, mine, [&](const emu::WarpSlot* s, bool) {
     std::memcpy(&r, s[(emu::t_self->lane ^ lane_mask) & 31].w, sizeof(T));
   });
+  return r;
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of 4- or 8-byte values");
+  if (mask != 0xffffffffu) emu::error("__shfl_sync mask 0x%08x: only the full mask is emulated", mask);
+  emu::WarpSlot mine{};
+  std::memcpy(mine.w, &v, sizeof(T));
+  T r;
+  emu::collective(emu::kShfl, mine, [&](const emu::WarpSlot* s, bool) { std::memcpy(&r, s[src_lane & 31].w, sizeof(T)); });
   return r;
 }
 
@@ -697,3 +861,5 @@ inline cudaError_t cudaGetLastError() {
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : e == cudaErrorInvalidValue ? "invalid argument" : "invalid configuration";
 }
+
+#include "emu_sm90.h"

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Turn the CUDA kernel sources into C++ the host emulator can compile.
 
-Reads csrc/cuda/{tc_common,bwd_common,score_mod,sequence,fwd_kernel,bwd_kernel}.cuh and generic.cu and
-writes copies under OUT (default tests/emu/build/gen) in which, and only in which:
+Reads the kernel sources of csrc/cuda/ (SOURCES below: the mma.sync family with its score modifiers and
+sequence views, generic.cu, and the Hopper family of csrc/cuda/sm90/) and writes copies under OUT (default
+tests/emu/build/gen) in which, and only in which:
   - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, rcp.approx, %laneid,
-    %tid, the empty asm of generic.cu's opaque()) is replaced by a one-line call into tests/emu/emu_runtime.h;
+    %tid, the empty asm of generic.cu's opaque(); mbarrier, bulk tensor copies, fences, named barriers,
+    setmaxnreg, wgmma and its fence/commit/wait in sm90/) is replaced by a one-line call into
+    tests/emu/emu_runtime.h / emu_sm90.h;
   - the sm90-only branch of red_add_f32x2 becomes a run-time switch, so one binary runs both atomics;
   - `extern __shared__ ... smem[]` and `__shared__ T a[N], ...;` become pointers into the emulated
     block's shared memory;
@@ -52,7 +55,46 @@ REPLACE = {
     "generic.cu": {
         "opaque": "inline const AttnParams& opaque(const AttnParams& p) { return p; }",
     },
+    "sm90/ptx.cuh": {
+        "mbar_init": "inline void mbar_init(uint32_t bar, uint32_t count) { ::emu::mbar_init(bar, count); }",
+        "fence_mbar_init": "inline void fence_mbar_init() { ::emu::fence_mbar_init(); }",
+        "mbar_arrive": "inline void mbar_arrive(uint32_t bar) { ::emu::mbar_arrive(bar); }",
+        "mbar_arrive_expect_tx": "inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) "
+                                 "{ ::emu::mbar_arrive_expect_tx(bar, bytes); }",
+        "mbar_wait": "inline void mbar_wait(uint32_t bar, uint32_t parity) { ::emu::mbar_wait(bar, parity); }",
+        "prefetch_tmap": "inline void prefetch_tmap(const void*) {}",
+        "tma_load_4d": "inline void tma_load_4d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1, int c2, "
+                       "int c3) {\n  const int c[4] = {c0, c1, c2, c3};\n  ::emu::tma_load(dst, tmap, bar, c, 4);\n}",
+        "tma_store_4d": "inline void tma_store_4d(const void* tmap, uint32_t src, int c0, int c1, int c2, int c3) {\n"
+                        "  const int c[4] = {c0, c1, c2, c3};\n  ::emu::tma_store(tmap, src, c, 4);\n}",
+        "bulk_commit": "inline void bulk_commit() { ::emu::bulk_commit(); }",
+        "bulk_wait_read": "template <int N>\ninline void bulk_wait_read() { ::emu::bulk_wait_read(N); }",
+        "fence_proxy_async": "inline void fence_proxy_async() { ::emu::fence_proxy_async(); }",
+        "named_sync": "inline void named_sync(int id, int n) { ::emu::named_bar(id, n, true); }",
+        "named_arrive": "inline void named_arrive(int id, int n) { ::emu::named_bar(id, n, false); }",
+        "setmaxnreg_inc": "template <int R>\ninline void setmaxnreg_inc() { ::emu::setmaxnreg(R, true); }",
+        "setmaxnreg_dec": "template <int R>\ninline void setmaxnreg_dec() { ::emu::setmaxnreg(R, false); }",
+        "wgmma_fence": "inline void wgmma_fence() { ::emu::wgmma_fence(); }",
+        "wgmma_commit": "inline void wgmma_commit() { ::emu::wgmma_commit(); }",
+        "wgmma_wait": "template <int N>\ninline void wgmma_wait() { ::emu::wgmma_wait(N); }",
+        "reg_fence": "inline void reg_fence(float&) {}\ninline void reg_fence(uint32_t&) {}",
+        "opaque_u32": "inline uint32_t opaque_u32(uint32_t x) { return x; }",
+        "st_shared_u32": "inline void st_shared_u32(uint32_t addr, uint32_t v) { ::emu::st_shared_u32(addr, v); }",
+    },
+    "sm90/wgmma.cuh": {
+        "wgmma_ss": "template <int N, typename Elem, int TA, int TB>\n"
+                    "inline void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {\n"
+                    "  ::emu::wgmma(d, N, desc_a, nullptr, desc_b, scale_d, TA, TB, "
+                    "std::is_same<Elem, __nv_bfloat16>::value);\n}",
+        "wgmma_rs": "template <int N, typename Elem, int TB>\n"
+                    "inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {\n"
+                    "  ::emu::wgmma(d, N, 0, a, desc_b, scale_d, 0, TB, std::is_same<Elem, __nv_bfloat16>::value);\n}",
+    },
 }
+
+# Sources converted into OUT/cuda/ (paths relative to csrc/cuda/).
+SOURCES = ("tc_common.cuh", "bwd_common.cuh", "score_mod.cuh", "sequence.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh", "generic.cu",
+           "sm90/ptx.cuh", "sm90/wgmma.cuh", "sm90/common.cuh", "sm90/fwd.cuh", "sm90/bwd.cuh")
 
 # kernel<<<cfg>>>(args); with the kernel an identifier, possibly qualified and with template arguments.
 LAUNCH = re.compile(r"(?P<k>[A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(?P<cfg>[^;]*?)>>>\((?P<args>[^;]*)\);")
@@ -79,12 +121,19 @@ def matching_brace(s: str, i: int) -> int:
 
 
 def replace_function(src: str, name: str, new: str, fname: str) -> str:
+    """Replaces every definition of device function `name` (all overloads) by `new`, put where the first was."""
     pat = re.compile(r"(template <[^\n>]*>\n)?__device__ __forceinline__ [^\n(]*\b" + re.escape(name) + r"\(")
     m = pat.search(src)
     if not m:
         raise SystemExit(f"gen_kernels: {fname}: device function {name}() not found; update gen_kernels.py")
-    end = matching_brace(src, src.index("{", m.end()))
-    return src[: m.start()] + "// [emu] " + name + " replaced by gen_kernels.py\n" + new + src[end + 1:]
+    first = True
+    while m:
+        end = matching_brace(src, src.index("{", m.end()))
+        text = ("// [emu] " + name + " replaced by gen_kernels.py\n" + new) if first else ""
+        src = src[: m.start()] + text + src[end + 1:]
+        first = False
+        m = pat.search(src, m.start() + len(text))
+    return src
 
 
 def rewrite_shared(src: str, fname: str) -> str:
@@ -144,10 +193,10 @@ def main() -> int:
     (out / "cuda").mkdir(parents=True, exist_ok=True)
     for f in ("params.h", "mask.h", "kernels.h"):
         shutil.copyfile(CSRC / f, out / f)
-    for f in ("tiles.h", "launch.h"):
+    (out / "cuda" / "sm90").mkdir(exist_ok=True)
+    for f in ("tiles.h", "launch.h", "sm90/tiles.h"):
         shutil.copyfile(CSRC / "cuda" / f, out / "cuda" / f)
-    for f in ("tc_common.cuh", "bwd_common.cuh", "score_mod.cuh", "sequence.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh",
-              "generic.cu"):
+    for f in SOURCES:
         text = convert(f, (CSRC / "cuda" / f).read_text())
         dst = out / "cuda" / f
         if not dst.exists() or dst.read_text() != text:  # keep mtimes when nothing changed

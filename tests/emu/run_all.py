@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Build and run the whole host-emulator matrix (tests/emu/README.md): the tensor-core kernels for every
-head dim in tiles.h's kTcHeadDims and both fp16 and bf16, and the fp32 / fp64 generic kernels. Not part of
-the default test suite (about 15 minutes on 2 cores); a pre-GPU check run by hand:
+"""Build and run the whole host-emulator matrix (tests/emu/README.md): the mma.sync kernels for every head
+dim in tiles.h's kTcHeadDims, the Hopper (wgmma/TMA) kernels for sm90/tiles.h's kSm90HeadDims, both fp16
+and bf16, and the fp32 / fp64 generic kernels. Not part of the default test suite (CI runs a subset,
+tests/test_emulator.py); a pre-GPU check run by hand:
 
     python3 tests/emu/run_all.py                 # everything
     python3 tests/emu/run_all.py --hd 64 --dtype bf16 --case sparse
     python3 tests/emu/run_all.py --order rev --eager   # another warp order / copy timing
+    python3 tests/emu/run_all.py --family sm90 --hd 128 --dtype bf16
 
 Builds run one at a time (a shared machine) and only when a source changed. Ends with the line
 "N passed, N failed" (one unit = one case and pass of one binary); exit status 1 on any failure.
@@ -23,28 +25,36 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BUILD = HERE / "build"
-HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)  # mma.sync family (csrc/cuda/tiles.h kTcHeadDims)
+SM90_HEAD_DIMS = (64, 128, 256)                # Hopper family (csrc/cuda/sm90/tiles.h kSm90HeadDims)
 TC = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 GENERIC = {"fp32": "float", "fp64": "double"}
+FAMILIES = ("mma", "sm90", "generic")
 
 
-def targets(hds, dtypes):
+def targets(hds, dtypes, families=FAMILIES):
+    """(binary name, compiler defines) of every emulator binary of the selection."""
     for dt in dtypes:
         if dt in TC:
-            for hd in hds:
-                yield f"emu_{dt}_hd{hd}", [f"-DEMU_ELEM={TC[dt]}", f"-DEMU_HD={hd}"]
-        else:
+            if "mma" in families:
+                for hd in hds:
+                    yield f"emu_{dt}_hd{hd}", [f"-DEMU_ELEM={TC[dt]}", f"-DEMU_HD={hd}"]
+            if "sm90" in families:
+                for hd in hds:
+                    if hd in SM90_HEAD_DIMS:
+                        yield f"emu90_{dt}_hd{hd}", ["-DEMU_SM90", f"-DEMU_ELEM={TC[dt]}", f"-DEMU_HD={hd}"]
+        elif "generic" in families:
             yield f"emu_{dt}", ["-DEMU_GENERIC", f"-DEMU_T={GENERIC[dt]}"]
 
 
 def build(name, defs, cxx, sanitize):
     exe = BUILD / (name + ("_asan" if sanitize else ""))
-    deps = [HERE / "emu_main.cpp", HERE / "emu_runtime.h", *(HERE / "shim").glob("*.h"),
+    deps = [HERE / "emu_main.cpp", HERE / "emu_runtime.h", HERE / "emu_sm90.h", *(HERE / "shim").glob("*.h"),
             *(BUILD / "gen").rglob("*")]
     if exe.exists() and exe.stat().st_mtime > max(p.stat().st_mtime for p in deps if p.is_file()):
         return exe
-    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-I", str(HERE / "shim"), "-I", str(BUILD / "gen"), *defs,
-           str(HERE / "emu_main.cpp"), "-o", str(exe)]
+    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wno-psabi", "-I", str(HERE / "shim"), "-I", str(BUILD / "gen"),
+           *defs, str(HERE / "emu_main.cpp"), "-o", str(exe)]
     if sanitize:
         cmd[3:3] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
     print("build:", " ".join(cmd[-3:-2] + defs), flush=True)
@@ -56,6 +66,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hd", type=int, nargs="*", default=list(HEAD_DIMS), help="tensor-core head dims")
     ap.add_argument("--dtype", nargs="*", default=[*TC, *GENERIC], choices=[*TC, *GENERIC])
+    ap.add_argument("--family", nargs="*", default=list(FAMILIES), choices=FAMILIES,
+                    help="kernel families: mma (mma.sync), sm90 (wgmma/TMA), generic (fp32/fp64)")
     ap.add_argument("--case", default="", help="only cases whose name contains this")
     ap.add_argument("--order", default="random", choices=["random", "fwd", "rev", "free"],
                     help="warp order between barriers (free: all warps at once)")
@@ -72,7 +84,7 @@ def main() -> int:
     BUILD.mkdir(exist_ok=True)
     subprocess.run([sys.executable, str(HERE / "gen_kernels.py")], check=True)
     passed = failed = 0
-    for name, defs in targets(args.hd, args.dtype):
+    for name, defs in targets(args.hd, args.dtype, args.family):
         exe = build(name, defs, args.cxx, args.asan)
         cmd = [str(exe), "--order", args.order, "--seed", str(args.seed)] + (["--eager"] if args.eager else [])
         if args.case:

@@ -1,0 +1,139 @@
+// What the Hopper forward and backward kernels share: the shared-memory tile layout that TMA writes and
+// wgmma reads, its descriptors, and the host-side tensor maps.
+//
+// Tile layout ("SW128 tile"): a ROWS x HD tile of 2-byte elements is stored as HD / 64 column blocks, one
+// after the other, each ROWS rows of 128 bytes (64 elements). Inside a block, 16-byte chunk c of row r
+// sits at chunk c ^ (r % 8): the 128-byte swizzle, which is what a TMA box {64, ROWS} with
+// CU_TENSOR_MAP_SWIZZLE_128B writes when the block starts 1024-byte aligned (the pattern repeats every
+// 8 rows = 1024 bytes, and is taken from address bits 7-9). The same bytes are
+//   - a K-major wgmma operand (rows = M or N, 16 consecutive columns = one k-step): start = block +
+//     row0 * 128 + (k16 % 4) * 32, SBO = 1024 (next 8 rows), LBO unused;
+//   - an MN-major operand (rows = K, columns = N): start = block 0 + k0 * 128 (k0 % 8 == 0),
+//     LBO = ROWS * 128 (next 64 columns = next block), SBO = 1024 (next 8 rows of K).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include "../../params.h"
+#include "ptx.cuh"
+
+namespace fused_attn {
+namespace sm90 {
+
+template <int ROWS>
+struct Sw128Tile {
+  static_assert(ROWS % 8 == 0, "whole 8-row swizzle atoms");
+  static constexpr uint32_t kBlockBytes = ROWS * 128;  // one 64-column block
+  // Byte offset of element (r, col) (col even: a pair shares the 4-byte word).
+  __device__ __forceinline__ static uint32_t offset(int r, int col) {
+    return static_cast<uint32_t>((col >> 6) * kBlockBytes + r * 128 + ((((col >> 3) & 7) ^ (r & 7)) << 4) +
+                                 ((col & 7) << 1));
+  }
+  // Descriptors are a base descriptor plus an encoded byte offset (the start-address field is the low
+  // 14 bits and every address here is < 2^18, so the addition never carries out of it): the per-k-step
+  // descriptors are then one 64-bit add of a constant, which the compiler rematerialises instead of
+  // keeping dozens of them live across the main loop.
+  // K-major descriptor base of a tile at `base` (rows from 0, columns from 0).
+  __device__ __forceinline__ static uint64_t kmajor_base(uint32_t base) { return make_desc_sw128(base, 16, 1024); }
+  // ... of rows [row0, row0 + M or N) x columns [16 ks, 16 ks + 16).
+  __device__ __forceinline__ static uint64_t kmajor(uint64_t desc0, int row0, int ks) {
+    return desc0 + static_cast<uint64_t>(((ks >> 2) * kBlockBytes + row0 * 128 + (ks & 3) * 32) >> 4);
+  }
+  // MN-major descriptor base of a tile at `base` (LBO = next 64 columns, SBO = next 8 rows).
+  __device__ __forceinline__ static uint64_t mnmajor_base(uint32_t base) {
+    return make_desc_sw128(base, kBlockBytes, 1024);
+  }
+  // ... of rows [k0, k0 + 16) (K, k0 % 8 == 0) x columns [64 cb0, ...) (N).
+  __device__ __forceinline__ static uint64_t mnmajor(uint64_t desc0, int k0, int cb0 = 0) {
+    return desc0 + static_cast<uint64_t>((cb0 * kBlockBytes + k0 * 128) >> 4);
+  }
+};
+
+// The accumulator registers of a wgmma: fence each one (see reg_fence) after a wait and before an issue.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) reg_fence(r[i]);
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) reg_fence(r[i][j]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host: tensor maps through the driver entry point obtained at run time (nothing links libcuda).
+
+inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled_fn() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    (void)cudaGetLastError();
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A (B, H, S, D) tensor of 2-byte elements (unit stride in D) as a 4-D tensor map {D, S, H, B}, box
+// {64, box_rows, 1, 1}, 128-byte swizzle; loads outside the tensor read zeros, stores there are dropped.
+// Strides must be positive multiples of 16 bytes below 2^40 wherever the size is > 1 (ops.cpp copies other
+// tensors first); for a size-1 dimension the stride is irrelevant and a valid one is put in its place.
+inline void make_tmap(CUtensorMap* map, const void* base, bool bf16, int64_t d, int64_t s, int64_t h, int64_t b,
+                      const Strides& st, int box_rows, const char* name) {
+  const PFN_cuTensorMapEncodeTiled_v12000 enc = encode_tiled_fn();
+  if (!enc) throw std::runtime_error("fused_attn sm90: the CUDA driver has no cuTensorMapEncodeTiled");
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(s), static_cast<cuuint64_t>(h),
+                              static_cast<cuuint64_t>(b)};
+  const int64_t sizes[3] = {s, h, b};
+  const int64_t elems[3] = {st.s, st.h, st.b};
+  cuuint64_t strides[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t bytes = elems[i] * 2;
+    if (sizes[i] <= 1) {
+      strides[i] = 16;
+    } else if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t(1) << 40)) {
+      throw std::invalid_argument(std::string(name) + ": stride " + std::to_string(elems[i]) +
+                                  " elements cannot be described to the tensor memory accelerator "
+                                  "(expected a positive multiple of 8 elements)");
+    } else {
+      strides[i] = static_cast<cuuint64_t>(bytes);
+    }
+  }
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t estr[4] = {1, 1, 1, 1};
+  const CUresult r = enc(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                         const_cast<void*>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error(std::string("fused_attn sm90: cuTensorMapEncodeTiled failed for ") + name +
+                             " (error " + std::to_string(static_cast<int>(r)) + ")");
+}
+
+template <typename Kernel>
+inline void set_smem(Kernel kernel, int bytes, const std::string& where) {
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess)
+    throw std::runtime_error(where + "cannot get " + std::to_string(bytes) + " bytes of shared memory per block: " +
+                             cudaGetErrorString(e));
+}
+
+inline void check_launch(const std::string& where) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(where + "launch failed: " + cudaGetErrorString(e));
+}
+
+}  // namespace sm90
+}  // namespace fused_attn
