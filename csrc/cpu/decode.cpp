@@ -225,14 +225,18 @@ FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t
   for (int i = 0; i < 8; ++i) acc[i] = VT{};
   const int64_t dp = d - d % (2 * W);
   for (int64_t c = 0; c < dp; c += 2 * W) {
+    // The keys' pairs stay in registers while each query row's pair is loaded once (10 loads per 16 FMAs
+    // at RN = 4, KN = 2; the q operands straight from memory made it 18, more than the 2 load ports take).
+    VT ka[KN], kb[KN];
 #pragma GCC unroll 8
-    for (int jj = 0; jj < KN; ++jj) {
-      VT ka, kb;
-      dv::load_pair(kr[jj] + c, ka, kb);
+    for (int jj = 0; jj < KN; ++jj) dv::load_pair(kr[jj] + c, ka[jj], kb[jj]);
 #pragma GCC unroll 4
-      for (int r = 0; r < RN; ++r) {
-        acc[jj * RN + r] += dv::load(q + r * ldq + c) * ka;
-        acc[jj * RN + r] += dv::load(q + r * ldq + c + W) * kb;
+    for (int r = 0; r < RN; ++r) {
+      const VT qa = dv::load(q + r * ldq + c), qb = dv::load(q + r * ldq + c + W);
+#pragma GCC unroll 8
+      for (int jj = 0; jj < KN; ++jj) {
+        acc[jj * RN + r] += qa * ka[jj];
+        acc[jj * RN + r] += qb * kb[jj];
       }
     }
   }
@@ -251,12 +255,13 @@ FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t
     for (int r = 0; r < RN; ++r) s[r * lds + jj] = sum[jj * RN + r];
 }
 
-// Rows in blocks of 4 (a smaller block for the last ones), keys in blocks of 8 / RN. pre (null: none) holds
-// the rows of the next block, pre_n of them, prefetched during the first row block.
+// Rows in blocks of 4 (a smaller block for the last ones), keys in blocks of KN: RN x KN accumulators plus
+// 2 KN key vectors and 2 query vectors within 16 registers. pre (null: none) holds the rows of the next
+// block, pre_n of them, prefetched during the first row block.
 template <int RN, typename S, typename C>
 FA_CPU_INLINE void qk_rows(const C* q, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, int64_t lds,
                            const S* const* pre, int64_t pre_n) {
-  constexpr int KN = RN == 3 ? 2 : 8 / RN;
+  constexpr int KN = RN == 1 ? 4 : RN == 2 ? 3 : 2;
   int64_t j = 0;
   for (; j + KN <= kn; j += KN)
     qk_micro<RN, KN, S, C>(q, ldq, kr + j, d, s + j, lds, pre && j + KN <= pre_n ? pre + j : nullptr);
@@ -281,10 +286,12 @@ FA_CPU_INLINE void qk_tile(const C* q, int64_t rows, int64_t ldq, const S* const
 
 // Output: o_r = alpha_r o_r + sum_j p[r * ldp + j] v_j for RN rows over NP pairs of columns from c0 (the
 // permuted order): RN x 2 NP accumulators stay in registers for the whole key block, and each V pair is
-// loaded and converted once per row block.
+// loaded and converted once per row block. pb holds P pre-broadcast, pb[j * RN + r] = p[r][j] in every lane,
+// so the loop multiplies by a plain vector load: a broadcast per (row, key, column pair) in the loop was
+// 2 uops each (vmovss + vbroadcastss), as many as the FMAs.
 template <int RN, int NP, typename S, typename C>
-FA_CPU_INLINE void pv_micro(const C* pr, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn, int64_t c0,
-                            C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+FA_CPU_INLINE void pv_micro(const typename dv::Vec<C>::T* pb, const C* alpha, const S* const* vr, int64_t kn,
+                            int64_t c0, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
   using VT = typename dv::Vec<C>::T;
   constexpr int W = dv::Vec<C>::W;
   VT acc[RN][2 * NP];
@@ -301,7 +308,7 @@ FA_CPU_INLINE void pv_micro(const C* pr, int64_t ldp, const C* alpha, const S* c
     for (int np = 0; np < NP; ++np) dv::load_pair(vr[j] + c0 + 2 * np * W, x[2 * np], x[2 * np + 1]);
 #pragma GCC unroll 4
     for (int r = 0; r < RN; ++r) {
-      const VT pj = dv::splat(pr + r * ldp + j);
+      const VT pj = pb[j * RN + r];
 #pragma GCC unroll 8
       for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] += pj * x[cc];
     }
@@ -315,11 +322,16 @@ FA_CPU_INLINE void pv_micro(const C* pr, int64_t ldp, const C* alpha, const S* c
 template <int RN, typename S, typename C>
 FA_CPU_INLINE void pv_rows(const C* pr, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn, int64_t d,
                            C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+  using VT = typename dv::Vec<C>::T;
   constexpr int W = dv::Vec<C>::W;
   constexpr int NP = RN <= 2 ? 2 : 1;
+  alignas(32) VT pb[RN * kBlockK];
+  for (int64_t j = 0; j < kn; ++j)
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) pb[j * RN + r] = dv::splat(pr + r * ldp + j);
   int64_t c = 0;
-  for (; c + 2 * NP * W <= d; c += 2 * NP * W) pv_micro<RN, NP, S, C>(pr, ldp, alpha, vr, kn, c, o, ldo, pre, pre_n);
-  for (; c + 2 * W <= d; c += 2 * W) pv_micro<RN, 1, S, C>(pr, ldp, alpha, vr, kn, c, o, ldo, pre, pre_n);
+  for (; c + 2 * NP * W <= d; c += 2 * NP * W) pv_micro<RN, NP, S, C>(pb, alpha, vr, kn, c, o, ldo, pre, pre_n);
+  for (; c + 2 * W <= d; c += 2 * W) pv_micro<RN, 1, S, C>(pb, alpha, vr, kn, c, o, ldo, pre, pre_n);
   if (pre && c < d)
     for (int64_t j = 0; j < pre_n; ++j) dv::prefetch(pre[j] + c, (d - c) * int64_t(sizeof(S)));
   for (; c < d; ++c)  // the last d % 2W columns, in order
