@@ -100,7 +100,7 @@ def extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     link = ["-fopenmp"]
     sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/cpu/fwd.cpp", "csrc/cpu/bwd.cpp",
-               "csrc/cpu/decode.cpp"]
+               "csrc/cpu/decode.cpp", "csrc/linear_ops.cpp", "csrc/cpu/linear.cpp"]
     if cuda_home is None:
         return [cpp_extension.CppExtension("fused_attn._C", sources, extra_compile_args={"cxx": cxx},
                                            extra_link_args=link, include_dirs=[str(ROOT / "csrc")])]

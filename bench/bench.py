@@ -15,12 +15,18 @@ product, so TFLOP/s compare useful work. ratio = this implementation's time / fu
 same case (above 1: fused_attn is faster).
 
 Peers: torch SDPA (dense / causal natively; window and block-sparse as the equivalent dense boolean
-element mask), fused_attn's own dense call (block-sparse sweep), and on CUDA additionally SDPA with each
-backend forced and FlexAttention compiled with torch.compile (same pattern via mask_mod + create_block_mask
-with the matching BLOCK_SIZE). A peer that raises for a case is recorded as skipped with the reason.
+element mask), fused_attn's own dense call (block-sparse sweep), SDPA with fused_attn's SDPA provider
+activated (sdpa+fused_attn: the same unmodified SDPA call served by fused_attn's kernels; dense and causal,
+the provider being switched on outside the timed region), and FlexAttention compiled with torch.compile
+(same pattern via mask_mod + create_block_mask with the matching BLOCK_SIZE; on the CPU with --flex-cpu).
+On CUDA additionally SDPA with each backend forced. A peer that raises for a case is recorded as skipped
+with the reason. setup_ms records, apart from the timed reps, the wall time of building a case for an
+implementation: its first call plus the warm-up steps, i.e. torch.compile's compile time for flex (and
+create_block_mask).
 
 Outputs in --out: results.json (machine, torch, dtypes, every row), results.csv, and PNG plots
-(bench/plot.py).
+(bench/plot.py); with --tag T: results-T.json, results-T.csv and T_*.png, so runs with other peers sit
+beside the default ones.
 """
 
 from __future__ import annotations
@@ -240,6 +246,7 @@ class Impl:
     make: Callable  # (case, q, k, v, opts) -> callable returning the attention output
     pattern_of: Callable = lambda case: case.pattern  # the pattern this implementation computes
     groups: tuple = ("dense", "window", "sparse", "memory")
+    ctx: Callable = contextlib.nullcontext  # entered around its calls, outside the timed region
 
 
 def make_fused(case, q, k, v, opts):
@@ -304,6 +311,18 @@ def make_sdpa(backend=None):
         return run
 
     return make
+
+
+@contextlib.contextmanager
+def fused_attn_sdpa_provider():
+    """SDPA served by fused_attn's kernels (torch.nn.attention's flash-attention provider registry)."""
+    from fused_attn.integrations import sdpa
+
+    sdpa.activate()
+    try:
+        yield
+    finally:
+        sdpa.restore()
 
 
 _FLEX = {}
@@ -382,6 +401,11 @@ def implementations(device: torch.device, opts) -> list[Impl]:
         impls.append(Impl("sdpa", make_sdpa(None)))
         if opts.flex_cpu and not opts.no_flex:
             impls.append(Impl("flex", make_flex))
+    from fused_attn.integrations import sdpa as provider
+
+    if provider.registry_available():
+        # the same SDPA call as "sdpa", served by fused_attn (only is_causal / no mask reach the provider)
+        impls.append(Impl("sdpa+fused_attn", make_sdpa(None), groups=("dense",), ctx=fused_attn_sdpa_provider))
     if opts.impls:
         wanted = set(opts.impls.split(","))
         impls = [i for i in impls if i.name in wanted]
@@ -440,16 +464,19 @@ def run_case(case: Case, impls: list[Impl], device, opts) -> list[dict]:
                for _ in range(3))
     dout = torch.randn(shape, generator=gen, device=device, dtype=case.dtype) if needs_grad else None
 
-    rows, steps, ref_out = [], {}, None
+    rows, steps, ctxs, ref_out = [], {}, {}, None
     active = [i for i in impls if case.group in i.groups]
     for impl in active:
         row = {"impl": impl.name, "impl_pattern": impl.pattern_of(case), "status": "ok", "error": None}
         rows.append(row)
         try:
-            forward = impl.make(case, q, k, v, opts)
-            with torch.no_grad():
-                out = forward()  # first call: compiles / checks support
-            _sync(device)
+            t_setup = time.perf_counter()
+            with impl.ctx():
+                forward = impl.make(case, q, k, v, opts)
+                with torch.no_grad():
+                    out = forward()  # first call: compiles / checks support
+                _sync(device)
+            row["first_call_ms"] = (time.perf_counter() - t_setup) * 1e3
             if row["impl_pattern"] == case.pattern:
                 if ref_out is None:
                     ref_out = out.float()  # fused_attn comes first
@@ -458,10 +485,13 @@ def run_case(case: Case, impls: list[Impl], device, opts) -> list[dict]:
                     row["max_abs_diff"] = (out.float() - ref_out).abs().max().item()
             del out
             step = as_step(forward, case, q, k, v, dout)
-            for _ in range(opts.warmup):
-                step()
-            _sync(device)
+            with impl.ctx():
+                for _ in range(opts.warmup):
+                    step()  # the first fwd+bwd step also compiles a compiled peer's backward
+                _sync(device)
+            row["setup_ms"] = (time.perf_counter() - t_setup) * 1e3
             steps[impl.name] = step
+            ctxs[impl.name] = impl.ctx
         except Skip as e:
             row.update(status="skipped", error=str(e))
         except torch.OutOfMemoryError as e:
@@ -477,7 +507,11 @@ def run_case(case: Case, impls: list[Impl], device, opts) -> list[dict]:
     times = {name: [] for name in steps}
     if steps:
         # Reps sized from one timed round so that a case takes about --case-seconds.
-        first = {name: time_ms(step, device) for name, step in steps.items()}
+        def timed(name):
+            with ctxs[name]():
+                return time_ms(steps[name], device)
+
+        first = {name: timed(name) for name in steps}
         for name, t in first.items():
             times[name].append(t)
         round_ms = max(sum(first.values()), 1e-3)
@@ -487,7 +521,7 @@ def run_case(case: Case, impls: list[Impl], device, opts) -> list[dict]:
         for rep in range(1, reps):
             order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
             for name in order:
-                times[name].append(time_ms(steps[name], device))
+                times[name].append(timed(name))
 
     peak = {}
     if device.type == "cuda":
@@ -495,8 +529,9 @@ def run_case(case: Case, impls: list[Impl], device, opts) -> list[dict]:
             _sync(device)
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            step()
-            _sync(device)
+            with ctxs[name]():
+                step()
+                _sync(device)
             peak[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
     density = None if case.layout is None else masks.density(case.layout)
@@ -552,6 +587,14 @@ def machine_name(device) -> str:
     return f"cpu-{core_count()}cores"
 
 
+def wait_idle(limit: float, poll_s: float = 15.0) -> float:
+    """Sleeps until the 1-minute load average is below limit; returns the seconds waited."""
+    start = time.time()
+    while os.getloadavg()[0] >= limit:
+        time.sleep(poll_s)
+    return time.time() - start
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -582,9 +625,10 @@ def print_table(rows, machine):
           "visible pairs only (fwd 4*D*pairs, bwd 2.5x, fwd+bwd 3.5x).")
 
 
-def write_outputs(meta, rows, out_dir: Path, merge: bool, groups):
+def write_outputs(meta, rows, out_dir: Path, merge: bool, groups, tag: str = ""):
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
+    stem = f"results-{tag}" if tag else "results"
+    path = out_dir / f"{stem}.json"
     if merge and path.exists():
         old = json.loads(path.read_text())
         kept = [r for r in old.get("results", []) if r.get("group") not in groups]
@@ -592,7 +636,7 @@ def write_outputs(meta, rows, out_dir: Path, merge: bool, groups):
     doc = dict(meta, results=rows)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     fields = ["machine", "device", "torch"] + sorted({k for r in rows for k in r})
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
@@ -621,6 +665,9 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out")
     ap.add_argument("--flex-cpu", action="store_true", help="also run FlexAttention on the CPU (slow compile)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--wait-idle", type=float, default=None, metavar="LOAD",
+                    help="before each case, wait until the 1-minute load average is below LOAD (shared machines)")
+    ap.add_argument("--tag", default="", help="write results-<tag>.json/.csv and <tag>_*.png (keeps other runs)")
     opts = ap.parse_args(argv)
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -674,7 +721,14 @@ def main(argv=None):
     rows, t0 = [], time.time()
     for n, case in enumerate(cases, 1):
         print(f"[{n}/{len(cases)} {time.time() - t0:6.1f}s] {case.describe()}", flush=True)
+        if opts.wait_idle is not None:
+            waited = wait_idle(opts.wait_idle)
+            if waited:
+                print(f"    waited {waited:.0f} s for the load average to fall below {opts.wait_idle}", flush=True)
+        load_before = os.getloadavg()[0]
         case_rows = run_case(case, impls, device, opts)
+        for r in case_rows:  # the machine's 1-minute load average around the case, for the reader
+            r["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         for r in case_rows:
             if r["ms"] is not None:
                 print(f"    {r['impl']:<17} {r['ms']:9.3f} ms  {r['tflops']:8.3f} TFLOP/s  "
@@ -682,17 +736,18 @@ def main(argv=None):
         rows.extend(case_rows)
     print()
     print_table(rows, machine)
-    doc = write_outputs(meta, rows, out_dir, opts.merge, groups)
+    doc = write_outputs(meta, rows, out_dir, opts.merge, groups, opts.tag)
     if not opts.no_plot:
         try:
             sys.path.insert(0, str(HERE))
             import plot
 
-            for p in plot.make_plots(doc, out_dir):
+            for p in plot.make_plots(doc, out_dir, prefix=f"{opts.tag}_" if opts.tag else ""):
                 print(f"plot: {p}")
         except ImportError as e:
             print(f"plots skipped: {e}")
-    print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.csv'} ({time.time() - t0:.1f}s)")
+    stem = f"results-{opts.tag}" if opts.tag else "results"
+    print(f"results: {out_dir / (stem + '.json')}, {out_dir / (stem + '.csv')} ({time.time() - t0:.1f}s)")
     return doc
 
 

@@ -6,6 +6,8 @@
 tflops_<group>.png      TFLOP/s (visible pairs only) vs sequence length, one panel per pattern and pass
 window_time.png         sliding-window time vs sequence length (log-log, with a linear reference)
 sparse_speedup.png      block-sparse speedup over the same call dense vs layout density (ideal 1/density)
+peers_speedup.png       fused_attn's speed-up over each peer (peer ms / fused_attn ms), case by case
+A run written with --tag T prefixes every name with T_.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 STYLE = {"fused_attn": dict(color="C3", linewidth=2.4, marker="o", zorder=5),
-         "fused_attn-dense": dict(color="C3", linestyle="--", marker="x")}
+         "fused_attn-dense": dict(color="C3", linestyle="--", marker="x"),
+         "sdpa+fused_attn": dict(color="C1", linestyle="-.", marker="s")}
 
 
 def _ok(rows):
@@ -50,7 +53,7 @@ def _batches(rows):
     return f"B*S={bs[0][0] * bs[0][1]}" if len({s * b for s, b in bs}) == 1 else "B varies"
 
 
-def plot_tflops(doc, rows, group, out_dir):
+def plot_tflops(doc, rows, group, out_dir, prefix=""):
     rows = [r for r in _ok(rows) if r["group"] == group]
     if not rows or len({r["seqlen_q"] for r in rows}) < 2:
         return None
@@ -78,13 +81,13 @@ def plot_tflops(doc, rows, group, out_dir):
             ax.legend(fontsize=8)
     fig.suptitle(f"{group}: TFLOP/s vs S\n{_subtitle(doc, rows)}")
     fig.tight_layout()
-    path = Path(out_dir) / f"tflops_{group}.png"
+    path = Path(out_dir) / f"{prefix}tflops_{group}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_window_time(doc, rows, out_dir):
+def plot_window_time(doc, rows, out_dir, prefix=""):
     rows = [r for r in _ok(rows) if r["group"] == "window"]
     if not rows:
         return None
@@ -111,13 +114,13 @@ def plot_window_time(doc, rows, out_dir):
         ax.legend(fontsize=8)
     fig.suptitle(f"window: time vs S\n{_subtitle(doc, rows)}")
     fig.tight_layout()
-    path = Path(out_dir) / "window_time.png"
+    path = Path(out_dir) / f"{prefix}window_time.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_sparse_speedup(doc, rows, out_dir):
+def plot_sparse_speedup(doc, rows, out_dir, prefix=""):
     rows = [r for r in _ok(rows) if r["group"] == "sparse"]
     cases = defaultdict(dict)  # (mode, S, B, density) -> impl -> row
     for r in rows:
@@ -146,29 +149,77 @@ def plot_sparse_speedup(doc, rows, out_dir):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(out_dir) / "sparse_speedup.png"
+    path = Path(out_dir) / f"{prefix}sparse_speedup.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def make_plots(doc, out_dir):
+def _case_label(r):
+    label = f"{r['pattern']} {r['mode']}\nS{r['seqlen_q']}"
+    if r.get("window"):
+        label += f" w{r['window'][0]}"
+    if r.get("layout_density") is not None:
+        label += f" d{r['layout_density']:.2f}"
+    return label
+
+
+def plot_peers_speedup(doc, rows, out_dir, prefix=""):
+    """Bars: fused_attn's speed-up over each peer (peer ms / fused_attn ms) in every case that has peers."""
+    cases = defaultdict(dict)
+    for r in _ok(rows):
+        cases[(r["group"], r["pattern"], r["mode"], r["seqlen_q"], r["layout_density"])][r["impl"]] = r
+    peers = sorted({i for c in cases.values() for i in c if i not in ("fused_attn", "fused_attn-dense")})
+    cases = {k: v for k, v in cases.items() if "fused_attn" in v and any(p in v for p in peers)}
+    if not cases or not peers:
+        return None
+    keys = sorted(cases, key=lambda k: (["dense", "window", "sparse", "memory"].index(k[0]), k[1], k[2], k[3],
+                                        k[4] or 0))
+    width = 0.8 / len(peers)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(keys) + 2), 4.8))
+    for pi, peer in enumerate(peers):
+        xs, ys = [], []
+        for ci, k in enumerate(keys):
+            r = cases[k].get(peer)
+            if r is not None:
+                xs.append(ci + (pi - (len(peers) - 1) / 2) * width)
+                ys.append(r["ms"] / cases[k]["fused_attn"]["ms"])
+        ax.bar(xs, ys, width, label=peer, color=STYLE.get(peer, {}).get("color", f"C{pi}"))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([_case_label(next(iter(cases[k].values()))) for k in keys], fontsize=7, rotation=60,
+                       ha="right")
+    ax.set_ylabel("speed-up of fused_attn: peer ms / fused_attn ms")
+    ax.set_title(f"fused_attn vs peers (above 1: fused_attn faster)\n{_subtitle(doc, _ok(rows))}", fontsize=10)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / f"{prefix}peers_speedup.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_plots(doc, out_dir, prefix=""):
     """Write every plot the results allow; returns the paths written."""
     rows = doc["results"]
-    paths = [plot_tflops(doc, rows, g, out_dir) for g in ("dense", "window", "sparse")]
-    paths += [plot_window_time(doc, rows, out_dir), plot_sparse_speedup(doc, rows, out_dir)]
+    paths = [plot_tflops(doc, rows, g, out_dir, prefix) for g in ("dense", "window", "sparse")]
+    paths += [plot_window_time(doc, rows, out_dir, prefix), plot_sparse_speedup(doc, rows, out_dir, prefix),
+              plot_peers_speedup(doc, rows, out_dir, prefix)]
     return [p for p in paths if p is not None]
 
 
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.exit("usage: python bench/plot.py <results folder or results.json>")
+        sys.exit("usage: python bench/plot.py <results folder or results[-<tag>].json>")
     path = Path(args[0])
     if path.is_dir():
         path = path / "results.json"
     doc = json.loads(path.read_text())
-    for p in make_plots(doc, path.parent):
+    tag = path.stem[len("results-"):] if path.stem.startswith("results-") else ""
+    for p in make_plots(doc, path.parent, prefix=f"{tag}_" if tag else ""):
         print(p)
 
 

@@ -42,6 +42,18 @@ def main(path: str) -> None:
             r = impls.get(p)
             cells.append(f"{r['ms']:.1f} ({r['ms'] / mine['ms']:.2f}x)" if r else "-")
         print(f"| {label} | {mine['ms']:.1f} | {mine['tflops']:.3f} | " + " | ".join(cells) + " |")
+    setup = [(label, impls) for label, impls in cases.items()
+             if any(r.get("setup_ms") is not None and r["setup_ms"] > 10 * r["ms"] + 1000 for r in impls.values())]
+    if setup:
+        # Kept apart from the timed reps: first call + warm-up, i.e. torch.compile's compile time for flex.
+        names = [n for n in ["fused_attn"] + peers if any(n in impls for _, impls in setup)]
+        print("\nSet-up per case (first call + warm-up steps, s; compile time for compiled peers):\n")
+        print("| case | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for label, impls in setup:
+            cells = [f"{impls[n]['setup_ms'] / 1e3:.1f}" if n in impls and impls[n].get("setup_ms") else "-"
+                     for n in names]
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -600,8 +600,8 @@ int tc_head_dim(DType dt, int64_t d) {
 
 int checked_tc_head_dim(const Tensor& q) {
   const DType dt = dtype_of(q);
-  const int hd = tc_head_dim(dt, q.size(3));
-  TORCH_CHECK_VALUE(hd > 0, "q: head dim ", q.size(3), " is not supported by the CUDA ", q.scalar_type(),
+  const int hd = tc_head_dim(dt, q.size(-1));
+  TORCH_CHECK_VALUE(hd > 0, "q: head dim ", q.size(-1), " is not supported by the CUDA ", q.scalar_type(),
                     " kernels of this build: expected D <= 256 with D % 8 == 0 (see fused_attn.build_info())");
   return hd;
 }
@@ -610,11 +610,13 @@ bool is_tc(const Tensor& q) { return q.scalar_type() == at::kHalf || q.scalar_ty
 
 // The tensor-core kernels move rows in 16-byte pieces: every row must start 16-byte aligned. A view
 // that breaks this (an odd storage offset or row stride) is copied; ordinary tensors never are.
+// (B, H, S, D) or packed (total, H, D).
 Tensor rows_aligned(const Tensor& t) {
   if (t.numel() == 0) return t;
   const int64_t e = static_cast<int64_t>(t.element_size());
-  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int i = 0; i < 3 && ok; ++i) ok = t.size(i) <= 1 || (t.stride(i) * e) % 16 == 0;
+  const int64_t last = t.dim() - 1;
+  bool ok = t.stride(last) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i < last && ok; ++i) ok = t.size(i) <= 1 || (t.stride(i) * e) % 16 == 0;
   return ok ? t : t.contiguous();
 }
 
@@ -639,8 +641,6 @@ void cuda_unsupported(bool cond, const char* what) {
 std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
                                     int64_t wl, int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
                                     double softcap, const std::optional<Tensor>& alibi) {
-  cuda_unsupported(softcap != 0.0, "softcap");
-  cuda_unsupported(alibi.has_value(), "alibi_slopes");
   check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int hd90 = sm90_head_dim_for(q_in);
@@ -654,6 +654,7 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
   if (k.size(2) == 0) return {out.zero_(), lse.fill_(-INFINITY)};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, false, q);
+  set_score_mod(p, softcap, alibi, q);
   p.o = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr();
@@ -679,8 +680,6 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
                                             int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
                                             bool deterministic, double softcap,
                                             const std::optional<Tensor>& alibi) {
-  cuda_unsupported(softcap != 0.0, "softcap");
-  cuda_unsupported(alibi.has_value(), "alibi_slopes");
   check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int hd90 = sm90_head_dim_for(q_in);
@@ -700,6 +699,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   if (q.numel() == 0 || k.numel() == 0) return {t.dq.zero_(), t.dk.zero_(), t.dv.zero_()};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, true, q);
+  set_score_mod(p, softcap, alibi, q);
   set_bwd(p, t, dlse);
   Tensor dq_accum;
   p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
@@ -727,19 +727,89 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   return {t.dq, t.dk, t.dv};
 }
 
-std::tuple<Tensor, Tensor> varlen_fwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                           const Tensor&, int64_t, int64_t, double, int64_t, int64_t, double,
-                                           const std::optional<Tensor>&) {
-  cuda_unsupported(true, "flash_varlen");
-  return {};
+// Packed variable-length batches on the CUDA kernels (the same kernels as fwd_cuda / bwd_cuda, reading each
+// sequence's offsets and lengths from cu_seqlens on the device). max_seqlen_q / max_seqlen_k size the
+// grids; nothing is read back to the host. Rows outside every sequence (only possible with cu_seqlens the
+// Python layer did not check) are left as allocated: AttnParams::seq clamps every sequence to the packed
+// tensors, so such input gives a wrong answer there but no access outside the tensors.
+std::tuple<Tensor, Tensor> varlen_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                           const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                           double scale, int64_t wl, int64_t wr, double softcap,
+                                           const std::optional<Tensor>& alibi) {
+  check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
+  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
+  const c10::cuda::CUDAGuard guard(q.device());
+  Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_type(q)));
+  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  AttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
+  set_score_mod(p, softcap, alibi, q);
+  if (q.numel() == 0 || p.batch == 0) return {out, lse};
+  // No sequence has a key (or a query): every row sees nothing.
+  if (k.size(0) == 0 || max_k == 0 || max_q == 0) return {out.zero_(), lse.fill_(-INFINITY)};
+  set_varlen_out(p, out, lse);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (hd)
+    tc_fwd(p, dtype_of(q), hd, stream);
+  else
+    generic_fwd(p, dtype_of(q), stream);
+  return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                   const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                                   const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t,
-                                                   int64_t, double, const std::optional<Tensor>&, bool) {
-  cuda_unsupported(true, "flash_varlen");
-  return {};
+std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                                   const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
+                                                   const std::optional<Tensor>& dlse, const Tensor& cu_q,
+                                                   const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale,
+                                                   int64_t wl, int64_t wr, double softcap,
+                                                   const std::optional<Tensor>& alibi, bool deterministic) {
+  check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
+  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
+  const c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "dout, out: expected shape ",
+                    shape_str(q), ", got ", shape_str(dout_in), " and ", shape_str(out_in));
+  TORCH_CHECK_VALUE(lse_in.dim() == 2 && lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0) &&
+                        lse_in.scalar_type() == lse_type(q),
+                    "lse: expected ", lse_type(q), " of shape (Hq, total_q), got ", shape_str(lse_in));
+  BwdTensors t;
+  t.dout = rows_aligned(dout_in.to(q.scalar_type()));
+  t.out = rows_aligned(out_in);
+  t.lse = lse_in.contiguous();
+  t.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  t.dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  t.dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  AttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
+  set_score_mod(p, softcap, alibi, q);
+  if (q.numel() == 0 || k.numel() == 0 || p.batch == 0 || max_q == 0 || max_k == 0)
+    return {t.dq.zero_(), t.dk.zero_(), t.dv.zero_()};
+  // set_bwd fills the fixed-length layout; the packed one is (total, H, D) with batch stride 0 and lse / delta
+  // (Hq, total_q).
+  set_bwd(p, t, dlse);
+  p.lse_b = 0;
+  p.lse_h = t.lse.stride(0);
+  auto packed = [](const Tensor& x) { return Strides{0, x.stride(1), x.stride(0)}; };
+  p.o_st = packed(t.out);
+  p.do_st = packed(t.dout);
+  p.dq_st = packed(t.dq);
+  p.dk_st = packed(t.dk);
+  p.dv_st = packed(t.dv);
+  p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  Tensor dq_accum;
+  if (hd) {
+    if (!p.deterministic) {
+      // (Hq, total_q, hd): the rows of lse, no padding (params.h, dq_accum).
+      dq_accum = at::zeros({q.size(1), q.size(0), hd}, q.options().dtype(at::kFloat));
+      p.dq_accum = dq_accum.data_ptr<float>();
+      p.dqa_b = 0;
+      p.dqa_h = dq_accum.stride(0);
+      p.dqa_s = dq_accum.stride(1);
+    }
+    tc_bwd(p, dtype_of(q), hd, stream);
+  } else {
+    generic_bwd(p, dtype_of(q), stream);
+  }
+  return {t.dq, t.dk, t.dv};
 }
 
 std::tuple<Tensor, Tensor> kvcache_fwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,

@@ -65,7 +65,11 @@ struct AttnParams {
   void* dv = nullptr;
   void* delta = nullptr;       // rowsum(dO * O) - dlse, same layout as lse
   const void* dlse = nullptr;  // optional gradient of lse (lse's type and layout); null means zero
-  float* dq_accum = nullptr;   // fp32 (B, Hq, Sq_padded, D) workspace for the atomic dQ path
+  // fp32 workspace of the atomic dQ path (CUDA tensor cores), zero-filled, row stride dqa_s, head dq_accum
+  // columns: fixed-length (B, Hq, Sq_padded, hd) with Sq rounded up to the backward query tile; packed
+  // batch (Hq, total_q, hd) with dqa_b = 0, row q_off + i for row i of sequence b, the same rows as lse (no
+  // padding: only rows < Sq_b of a sequence are ever added to, and the conversion walks every row).
+  float* dq_accum = nullptr;
 
   // sq / sk: the lengths of a fixed-length call, or the largest per-sequence lengths (grid sizes, buffer
   // sizes) when the lengths vary per sequence (see seq()).
@@ -119,6 +123,11 @@ struct AttnParams {
   FA_HD int64_t group() const { return hq / hk; }  // query heads per key/value head
 
   FA_HD bool varlen() const { return cu_seqlens_q != nullptr; }
+
+  // The rows of lse / delta (and of q, out, dq) as (row_batches(), Hq, row_len()) for passes that treat
+  // every row alike (delta = rowsum(dO * O), the dQ conversion): a packed batch is one run of total_q rows.
+  FA_HD int64_t row_batches() const { return varlen() ? 1 : batch; }
+  FA_HD int64_t row_len() const { return varlen() ? total_q : sq; }
 
   // Sequence b's offsets and lengths. Offsets read from the device are clamped to the packed tensors and
   // lengths to [0, max]: cu_seqlens that were not checked on the host (a GPU call given max_seqlen, which

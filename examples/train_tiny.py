@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""A tiny character-level transformer whose attention is fused_attn.flash with a causal sliding window.
+"""A tiny character-level transformer whose attention is one of fused_attn's: causal softmax attention,
+causal sliding-window attention (the default), or causal linear attention.
 
-    python examples/train_tiny.py [--steps 300] [--window 32] [--device cpu|cuda]
+    python examples/train_tiny.py [--steps 300] [--attention softmax|window|linear] [--window 32]
+                                  [--device cpu|cuda]
 
 Trains on examples/data/tiny_corpus.txt (generated procedurally by examples/data/make_corpus.py; regenerated
 in memory when the file is missing) with AdamW and prints the training loss and, at the end, a short
-sample. Each query attends to itself and the `window` characters before it:
-fused_attn.flash(q, k, v, causal=True, window=(window, 0)).
+sample. The attention of every layer is
+  softmax: fused_attn.flash(q, k, v, causal=True)                       every earlier character
+  window:  fused_attn.flash(q, k, v, causal=True, window=(window, 0))   itself and `window` before it
+  linear:  fused_attn.linear_attention(q, k, v, causal=True)            elu(x) + 1 features, O(T) per layer
+examples/train_compare.py trains the three for the same steps and plots their loss curves.
 
 `main(steps=..., ...)` returns the list of per-step losses (tests/test_example.py smoke-tests it).
 """
@@ -50,12 +55,17 @@ def load_text(path: Optional[Path] = None) -> str:
     return generate()
 
 
-class CausalWindowAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, window: int):
+ATTENTIONS = ("softmax", "window", "linear")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, window: int, attention: str = "window"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
-        self.n_heads, self.window = n_heads, window
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+        self.n_heads, self.window, self.attention = n_heads, window, attention
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
@@ -63,15 +73,23 @@ class CausalWindowAttention(nn.Module):
         b, t, c = x.shape
         # (B, T, 3, H, Dh) -> three (B, H, T, Dh) views; flash takes any strides with unit stride in Dh.
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = fused_attn.flash(q, k, v, causal=True, window=(self.window, 0))
+        if self.attention == "linear":
+            y = fused_attn.linear_attention(q, k, v, causal=True)
+        elif self.attention == "softmax":
+            y = fused_attn.flash(q, k, v, causal=True)
+        else:
+            y = fused_attn.flash(q, k, v, causal=True, window=(self.window, 0))
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
+CausalWindowAttention = CausalSelfAttention  # the name before the attention choice
+
+
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, window: int):
+    def __init__(self, d_model: int, n_heads: int, window: int, attention: str = "window"):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalWindowAttention(d_model, n_heads, window)
+        self.attn = CausalSelfAttention(d_model, n_heads, window, attention)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
 
@@ -84,12 +102,12 @@ class TinyLM(nn.Module):
     """Character-level decoder: token + learned position embeddings, pre-norm blocks, tied output head."""
 
     def __init__(self, vocab: int, *, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
-                 window: int = 32, max_len: int = 256):
+                 window: int = 32, max_len: int = 256, attention: str = "window"):
         super().__init__()
         self.max_len = max_len
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(max_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, window) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, window, attention) for _ in range(n_layers))
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.head.weight = self.tok.weight
@@ -125,7 +143,7 @@ def sample(model, itos, stoi, prompt="Story", n=200, device="cpu", generator=Non
 def main(steps: int = 300, *, batch_size: int = 32, seq_len: int = 128, window: int = 32, n_layers: int = 2,
          d_model: int = 128, n_heads: int = 4, lr: float = 3e-3, seed: int = 0, device: Optional[str] = None,
          log_every: int = 25, data: Optional[Path] = None, model: Optional[TinyLM] = None,
-         sample_chars: int = 0) -> list[float]:
+         sample_chars: int = 0, attention: str = "window") -> list[float]:
     """Train for `steps` AdamW steps and return the per-step training losses.
 
     Pass `model` to train an existing TinyLM (its vocabulary must match the corpus); the gradients of the
@@ -143,7 +161,7 @@ def main(steps: int = 300, *, batch_size: int = 32, seq_len: int = 128, window: 
 
     if model is None:
         model = TinyLM(len(chars), d_model=d_model, n_heads=n_heads, n_layers=n_layers, window=window,
-                       max_len=seq_len)
+                       max_len=seq_len, attention=attention)
     elif model.head.weight.shape[0] != len(chars):
         raise ValueError(f"model: expected a vocabulary of {len(chars)}, got {model.head.weight.shape[0]}")
     model.to(dev).train()
@@ -181,6 +199,8 @@ def _cli():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--attention", choices=ATTENTIONS, default="window",
+                    help="causal softmax, causal sliding window (--window), or causal linear attention")
     ap.add_argument("--window", type=int, default=32, help="keys before each query that it may attend to")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -190,7 +210,7 @@ def _cli():
     ap.add_argument("--sample", type=int, default=200, help="characters to sample at the end (0: none)")
     a = ap.parse_args()
     losses = main(a.steps, batch_size=a.batch_size, seq_len=a.seq_len, window=a.window, n_layers=a.layers,
-                  lr=a.lr, seed=a.seed, device=a.device, data=a.data, sample_chars=a.sample)
+                  lr=a.lr, seed=a.seed, device=a.device, data=a.data, sample_chars=a.sample, attention=a.attention)
     k = max(1, min(10, len(losses) // 10))
     vocab = len(set(load_text(a.data)))
     print(f"loss: first {sum(losses[:k]) / k:.4f} -> last {sum(losses[-k:]) / k:.4f} "

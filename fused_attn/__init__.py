@@ -1,9 +1,11 @@
-"""fused_attn: exact fused attention (dense, causal, sliding-window, block-sparse) for PyTorch.
+"""fused_attn: exact fused attention (dense, causal, sliding-window, block-sparse) for PyTorch, and
+kernelized (linear) attention.
 
     out = fused_attn.flash(q, k, v, causal=False, window=None, block_mask=None, scale=None, softcap=0.0,
                            alibi_slopes=None, return_lse=False)
     out = fused_attn.flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)       # packed batches
     out = fused_attn.flash_kvcache(q, k_cache, v_cache, cache_seqlens, ...)       # decoding
+    out = fused_attn.linear_attention(q, k, v, causal=True, feature_map="elu1", normalize=True, ...)
 
 q: (B, Hq, Sq, D); k, v: (B, Hk, Sk, D) with Hq % Hk == 0. See README.md for the visibility rule.
 """
@@ -11,14 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from . import masks, reference
+from . import distributed, features, masks, reference
 from ._args import check_inputs, check_kvcache, check_mods, check_varlen
+from ._linear_ops import linear_attention as _linear_attention
 from ._ops import build_info, sparse_args
 from ._sparse import BlockMask
+from .integrations import sdpa as _sdpa
 
-__all__ = ["flash", "flash_varlen", "flash_kvcache", "block_mask", "build_info", "BlockMask", "masks",
-           "reference"]
+__all__ = ["flash", "flash_varlen", "flash_kvcache", "linear_attention", "block_mask", "build_info", "BlockMask",
+           "features", "masks", "reference", "distributed"]
 __version__ = "0.1.0"
+
+# SDPA backend provider "fused_attn": registered (never activated) where torch has the registry (>= 2.9);
+# torch.nn.attention.activate_flash_attention_impl("fused_attn") switches it on.
+_sdpa.register()
 
 
 def flash(q, k, v, *, causal=False, window=None, block_mask=None, scale=None, softcap=0.0, alibi_slopes=None,
@@ -87,6 +95,31 @@ def flash_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
     out, lse = torch.ops.fused_attn.kvcache_fwd(q, k_cache, v_cache, seqlens, k_new, v_new, block_table, scale,
                                                 left, right, softcap, alibi, int(num_splits))
     return (out, lse) if return_lse else out
+
+
+def linear_attention(q, k, v, *, causal=True, feature_map="elu1", normalize=True, scale=None, eps=1e-6,
+                     initial_state=None, return_state=False):
+    """Kernelized attention phi(q) (phi(k)^T v) in O(S Dk Dv) time (Katharopoulos et al. 2020), chunked.
+
+    Args:
+        q, k: (B, H, Sq, Dk), (B, H, Sk, Dk); v: (B, H, Sk, Dv). One dtype (float16, bfloat16, float32,
+            float64; 16-bit computed in float32) and device (CPU). Sq == Sk when causal.
+        causal: query i sees keys j <= i; otherwise every key.
+        feature_map: "elu1" (elu(x) + 1), "relu", or "identity" (q and k are features already, e.g. from
+            fused_attn.features.favor_plus), applied inside the kernel to scale * q and to k.
+        normalize: divide by sum_j phi(q_i) . phi(k_j) + eps; otherwise the plain sum.
+        scale: multiplies q before the feature map; default 1.
+        eps: added to each denominator, >= 0.
+        initial_state: None or (S, z), (B, H, Dk, Dv) and (B, H, Dk) (causal only): sums over keys seen
+            before this call, e.g. the state returned by the previous call.
+        return_state: also return the state (S, z) after the last key, float32 (float64 for float64).
+
+    Returns out (q's dtype, (B, H, Sq, Dv)) or (out, (S, z)). Processing a sequence in pieces with the
+    state equals processing it whole; Sq = 1 calls are O(Dk Dv) decode steps. Differentiable in q, k, v and
+    initial_state. fused_attn.reference.linear_attention is the same function in its quadratic form.
+    """
+    return _linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize, scale=scale,
+                             eps=eps, initial_state=initial_state, return_state=return_state)
 
 
 def block_mask(layout, block_size) -> BlockMask:

@@ -151,3 +151,201 @@ def test_tensor_over_2_pow_31_elements():
     o = fused_attn.flash(q, k, v)
     o.backward(torch.ones_like(o))
     assert torch.isfinite(q.grad[:, :, tail].float()).all() and q.grad[:, :, tail].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed variable-length batches (flash_varlen), softcap and ALiBi on the CUDA kernels: tensor cores for
+# fp16 / bf16, the fp32 / fp64 kernels otherwise. Same rule as above: float64 reference, STYLE.md bound.
+
+VARLEN_PATTERNS = {"dense": dict(), "causal": dict(causal=True), "window": dict(window=(100, 37)),
+                   "causal_window": dict(causal=True, window=(200, -1))}
+# Lengths 0 and 1, Sq_b != Sk_b both ways, a sequence without keys, one without queries, tiles that end
+# mid-sequence, one long sequence.
+VARLEN_MIXED = ([70, 0, 1, 257, 33, 130, 9, 1025], [100, 12, 0, 257, 33, 64, 1, 700])
+
+
+def packed_cuda(lens_q, lens_k, hq, hk, d, dtype, seed=0, qmul=1.0):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = (qmul * torch.randn(tq, hq, d, generator=g, dtype=torch.float64)).to(DEV, dtype)
+    k = torch.randn(tk, hk, d, generator=g, dtype=torch.float64).to(DEV, dtype)
+    v = torch.randn(tk, hk, d, generator=g, dtype=torch.float64).to(DEV, dtype)
+    cu = lambda ls: torch.tensor([0] + torch.tensor(ls).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return q, k, v, cu(lens_q), cu(lens_k)
+
+
+def varlen_run(fn, q, k, v, cu_q, cu_k, dout, dtype, **kw):
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+    out, lse = fn(qq, kk, vv, cu_q, cu_k, return_lse=True, **kw)
+    out.backward(dout.to(dtype))
+    return out.detach(), lse.detach(), qq.grad, kk.grad, vv.grad
+
+
+def check_varlen_cuda(q, k, v, cu_q, cu_k, **kw):
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(DEV)
+    mine = varlen_run(fused_attn.flash_varlen, q, k, v, cu_q, cu_k, dout, q.dtype, **kw)
+    ref = varlen_run(fused_attn.reference.flash_varlen, q, k, v, cu_q, cu_k, dout, torch.float64, **kw)
+    base = varlen_run(fused_attn.reference.flash_varlen, q, k, v, cu_q, cu_k, dout, q.dtype, **kw)
+    from conftest import assert_rule
+
+    for name, a, r, bse in zip(("out", "lse", "dq", "dk", "dv"), mine, ref, base):
+        assert a.shape == r.shape, f"{name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
+        assert a.device == r.device
+        assert_rule(name, a, r, bse, q.dtype)
+
+
+def slopes_for(b, hq, per_batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand((b, hq) if per_batch else (hq,), generator=g) * 0.2 + 0.01
+    return s.to(DEV, torch.float32)
+
+
+@pytest.mark.parametrize("pattern", list(VARLEN_PATTERNS))
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 64), (4, 1, 40), (2, 2, 128), (4, 4, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_varlen_tensor_core(pattern, hq, hk, d, dtype):
+    q, k, v, cu_q, cu_k = packed_cuda(*VARLEN_MIXED, hq, hk, d, dtype, seed=d + hq)
+    check_varlen_cuda(q, k, v, cu_q, cu_k, **VARLEN_PATTERNS[pattern])
+
+
+@pytest.mark.parametrize("pattern", list(VARLEN_PATTERNS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_varlen_generic(pattern, dtype):
+    q, k, v, cu_q, cu_k = packed_cuda(*VARLEN_MIXED, 4, 2, 72, dtype, seed=3)
+    check_varlen_cuda(q, k, v, cu_q, cu_k, **VARLEN_PATTERNS[pattern])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", [dict(softcap=2.0), dict(alibi="h", causal=True), dict(alibi="bh", window=(64, 8)),
+                                dict(softcap=1.5, alibi="h", causal=True)], ids=["cap", "alibi", "alibi_b", "both"])
+def test_varlen_mods(kw, dtype):
+    kw = dict(kw)
+    lens = VARLEN_MIXED
+    q, k, v, cu_q, cu_k = packed_cuda(*lens, 4, 2, 64, dtype, seed=5, qmul=2.0)
+    a = kw.pop("alibi", None)
+    if a:
+        kw["alibi_slopes"] = slopes_for(len(lens[0]), 4, a == "bh")
+    check_varlen_cuda(q, k, v, cu_q, cu_k, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_varlen_equals_flash_per_sequence(dtype):
+    lens = [300, 1, 129]
+    q, k, v, cu_q, cu_k = packed_cuda(lens, lens, 4, 2, 64, dtype, seed=11)
+    out = fused_attn.flash_varlen(q, k, v, cu_q, cu_k, causal=True)
+    for b in range(len(lens)):
+        sl = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        one = fused_attn.flash(*(t[sl].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), causal=True)
+        torch.testing.assert_close(out[sl], one[0].transpose(0, 1))
+
+
+def test_varlen_max_seqlen_given_and_strided_views():
+    """max_seqlen given (no host synchronisation, grids larger than needed) and (total, H, D) views with
+    a head stride: the same result as computed lengths on contiguous copies."""
+    q, k, v, cu_q, cu_k = packed_cuda([40, 17, 300], [33, 60, 1], 4, 2, 64, torch.bfloat16, seed=5)
+    big = torch.zeros(q.shape[0], 4, 128, device=DEV, dtype=q.dtype)
+    big[..., :64] = q
+    qv = big[..., :64]
+    assert not qv.is_contiguous()
+    a = fused_attn.flash_varlen(qv, k, v, cu_q, cu_k, max_seqlen_q=512, max_seqlen_k=400, causal=True)
+    b = fused_attn.flash_varlen(q, k, v, cu_q, cu_k, causal=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    check_varlen_cuda(qv, k, v, cu_q, cu_k, max_seqlen_q=512, max_seqlen_k=400, window=(20, 3))
+
+
+@pytest.mark.parametrize("mods", [dict(), dict(softcap=2.0)])
+def test_varlen_deterministic_backward(mods, monkeypatch):
+    q, k, v, cu_q, cu_k = packed_cuda(*VARLEN_MIXED, 8, 2, 128, torch.bfloat16, seed=3)
+    dout = torch.randn_like(q)
+
+    def grads():
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        fused_attn.flash_varlen(qq, kk, vv, cu_q, cu_k, causal=True, **mods).backward(dout)
+        return qq.grad, kk.grad, vv.grad
+
+    monkeypatch.setenv("FUSED_ATTN_DETERMINISTIC", "1")
+    first = grads()
+    for a, b in zip(first, grads()):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("FUSED_ATTN_DETERMINISTIC", "0")
+    for a, b in zip(first, grads()):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+MODS = {"cap": dict(softcap=2.0), "alibi": dict(alibi="h"), "alibi_b": dict(alibi="bh"),
+        "both": dict(softcap=1.5, alibi="bh")}
+
+
+@pytest.mark.parametrize("mods", list(MODS))
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+                         ids=["bf16", "fp16", "fp32", "fp64"])
+def test_softcap_alibi(mods, pattern, dtype):
+    sq, sk, d = 257, 1025, (72 if dtype in (torch.float32, torch.float64) else 128)
+    hq, hk = 4, 2
+    q, k, v = make_qkv(2, hq, hk, sq, sk, d, dtype=dtype, device=DEV, seed=d + len(pattern))
+    q = q * 2  # scores large enough that the cap bites
+    kw = dict(MODS[mods])
+    a = kw.pop("alibi", None)
+    if a:
+        kw["alibi_slopes"] = slopes_for(2, hq, a == "bh")
+    check_all(q, k, v, **kw, **pattern_kwargs(pattern, hq, sq, sk, seed=d))
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_softcap_alibi_head_dims(d):
+    q, k, v = make_qkv(1, 2, 1, 97, 300, d, dtype=torch.bfloat16, device=DEV, seed=d)
+    check_all(q * 2, k, v, causal=True, softcap=3.0, alibi_slopes=slopes_for(1, 2, False))
+
+
+def test_softcap_changes_the_result_on_cuda():
+    q, k, v = make_qkv(1, 2, 2, 65, 65, 64, dtype=torch.float32, device=DEV, seed=2)
+    a = fused_attn.flash(q * 4, k, v)
+    b = fused_attn.flash(q * 4, k, v, softcap=1.0)
+    assert (a - b).abs().max() > 1e-2
+
+
+def _finite_lse(res):
+    out, lse = res
+    return out, torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def test_gradcheck_fp64_mods():
+    """torch.autograd.gradcheck on the fp64 CUDA kernels themselves, with softcap and ALiBi."""
+    q, k, v = make_qkv(1, 2, 1, 9, 12, 8, device=DEV, seed=3)
+    q = (q * 2).requires_grad_(True)
+    k.requires_grad_(True)
+    v.requires_grad_(True)
+    slopes = torch.tensor([[0.25, 0.5]], device=DEV)
+    for kw in (dict(softcap=1.5), dict(alibi_slopes=slopes, causal=True),
+               dict(softcap=0.8, alibi_slopes=slopes, window=(3, 2))):
+        fn = lambda a, b, c: _finite_lse(fused_attn.flash(a, b, c, return_lse=True, **kw))
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8)
+
+
+def test_gradcheck_fp64_varlen():
+    q, k, v, cu_q, cu_k = packed_cuda([3, 0, 6, 1], [5, 2, 4, 0], 2, 1, 8, torch.float64, seed=1)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    slopes = torch.tensor([0.3, 0.7], device=DEV)
+    for kw in (dict(), dict(causal=True, softcap=2.0), dict(window=(2, 1), alibi_slopes=slopes),
+               dict(max_seqlen_q=6, max_seqlen_k=5, causal=True)):
+        fn = lambda a, b, c: _finite_lse(fused_attn.flash_varlen(a, b, c, cu_q, cu_k, return_lse=True, **kw))
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8)
+
+
+def test_varlen_cuda_graph_and_no_sync():
+    """With max_seqlen given the call reads nothing back: it captures into a CUDA graph."""
+    q, k, v, cu_q, cu_k = packed_cuda([128, 64, 1], [128, 200, 7], 4, 2, 64, torch.bfloat16, seed=9)
+    eager = fused_attn.flash_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=128, max_seqlen_k=200, causal=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fused_attn.flash_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=128, max_seqlen_k=200, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_attn.flash_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=128, max_seqlen_k=200, causal=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)

@@ -4,6 +4,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 import fused_attn
@@ -46,3 +47,23 @@ def test_train_tiny_few_steps(monkeypatch):
         assert not torch.equal(p.detach(), before[name]), f"{name}: unchanged after 5 AdamW steps"
     # The attention projections in particular received a non-zero gradient through flash.
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_train_tiny_attention_choices(monkeypatch):
+    # --attention softmax / linear route every layer through flash(causal=True) / linear_attention.
+    ex = load_example()
+    vocab = len(set(ex.load_text()))
+    seen = []
+    real_flash, real_linear = fused_attn.flash, fused_attn.linear_attention
+    monkeypatch.setattr(fused_attn, "flash", lambda q, k, v, **kw: seen.append(("flash", kw)) or real_flash(q, k, v, **kw))
+    monkeypatch.setattr(fused_attn, "linear_attention",
+                        lambda q, k, v, **kw: seen.append(("linear", kw)) or real_linear(q, k, v, **kw))
+    for attention, want in (("softmax", ("flash", {"causal": True})), ("linear", ("linear", {"causal": True}))):
+        seen.clear()
+        model = ex.TinyLM(vocab, d_model=32, n_heads=2, n_layers=2, max_len=16, attention=attention)
+        losses = ex.main(steps=2, batch_size=2, seq_len=16, seed=0, device="cpu", log_every=0, model=model)
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+        assert seen == [want] * 4, seen
+        assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"attention: expected one of \('softmax', 'window', 'linear'\), got 'x'"):
+        ex.TinyLM(vocab, attention="x")

@@ -200,9 +200,9 @@ void bwd_impl(const AttnParams& p) {
 
           const int64_t qo = qbuf(b, h, vis.tile);
           cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + qo, tq, st, tq, false);
-          if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, st, tq, true, dmod);
           if (tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn))
             cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, st, tq, true);
+          if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, st, tq, true, dmod);
           cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + qo, tq, dpt, tq, false);
           cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale);
           if (capped)  // chain rule through the cap: dS_raw = dS_capped * (1 - tanh^2)

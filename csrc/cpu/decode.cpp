@@ -1,65 +1,672 @@
-// CPU KV-cache attention (flash_kvcache's forward): q (B, Hq, Sq, D) against a contiguous or paged cache,
-// read in its own dtype and computed in fp32 (fp64 for fp64). One task per (batch, query head, query row):
-// walk the visible keys of the row (mask.h's Band on the sequence's own length), online softmax.
+// CPU KV-cache attention (flash_kvcache's forward): q (B, Hq, Sq, D) against a contiguous or paged cache.
+//
+// Decoding reads every cached key and value once per call and does little arithmetic on each (4 query
+// heads x 1 row against a D = 128 key is 512 multiply-adds per 512 bytes of fp32 K), so the kernel is built
+// to stream K/V at memory speed:
+//   - one task per (batch, kv head, block of query positions, split of the key range): the query rows of the
+//     whole GQA group (Hq / Hk heads x the block's positions) are processed together, so each K/V byte is
+//     read from memory once per group, not once per query head;
+//   - K and V are read in their own dtype and converted in registers (fp16 / bf16 are never upcast as a
+//     whole), through per-key row pointers that a paged cache fills a whole page at a time;
+//   - per block of kBlockK keys: S = Q K^T with register-blocked dot products (rows x keys accumulators
+//     across D, reduced by a shuffle tree), score modifiers and masking from mask.h, one online-softmax step
+//     in base 2 (fp32; fp64 for fp64), O = alpha O + P V register-blocked over rows x columns;
+//   - the splits of a key range keep (unnormalised O, running max, running sum) in a workspace and are merged
+//     by their lse in split order afterwards, so the result does not depend on which thread ran what.
+// num_splits = 0 picks the split count from the thread count and the key lengths (enough tasks for every
+// thread when B * Hk is small, e.g. B = 1 with a long cache); n >= 1 forces n.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "../kernels.h"
 #include "../mask.h"
+#include "tile_math.h"
 
 namespace fused_attn {
 namespace {
 
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.6931471805599453094;
+
+// Keys per block: the K and V rows of one block (64 x D, 32 KB each in fp32 at D = 128) stay in L2 between
+// the score and the output product.
+constexpr int64_t kBlockK = 64;
+// Query rows (heads of the group x positions) per task: enough to reuse each K/V block from cache when Sq
+// is large (chunked prefill), small enough to keep the score tile and the output rows in L1/L2.
+constexpr int64_t kTaskRows = 64;
+// A split of the key range is never shorter than this many keys (its fixed cost: Q conversion, partial
+// write, merge).
+constexpr int64_t kMinSplitKeys = 512;
+// Workspace of the split partials processed at once (bytes); forced large split counts run in waves.
+constexpr int64_t kWorkspaceBudget = int64_t(64) << 20;
+
+// ---------------------------------------------------------------------------------------------------
+// 32-byte vectors: 8 floats or 4 doubles, one ymm register on AVX2 / AVX-512 machines (the target_clones of
+// tile_math.h), two xmm on baseline x86-64. (tile_math.h's 64-byte vectors are one zmm on AVX-512, but GCC 12
+// lowers their conditionals (max, select) to scalar code on AVX2; 32 bytes keep every op a vector op there.)
+namespace dv {
+typedef float f8 __attribute__((vector_size(32)));
+typedef double d4 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+
+template <typename C>
+struct Vec;
+template <>
+struct Vec<float> {
+  using T = f8;
+  static constexpr int W = 8;
+};
+template <>
+struct Vec<double> {
+  using T = d4;
+  static constexpr int W = 4;
+};
+
+FA_CPU_INLINE f8 load(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FA_CPU_INLINE d4 load(const double* p) {
+  d4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FA_CPU_INLINE void store(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+FA_CPU_INLINE void store(double* p, d4 v) { std::memcpy(p, &v, sizeof(v)); }
+// Broadcast of *p: the scalar into lane 0, then a shuffle with an all-zero mask (vmovss + vbroadcastss). A
+// vector built from a non-constant scalar ({x, x, ...}, x - VT{}) is lowered in these helpers, which are
+// compiled for baseline x86-64 and inlined into the clones, as a chain of vinsertps: 25% of the output loop.
+FA_CPU_INLINE f8 splat(const float* p) {
+  f8 v{};
+  std::memcpy(&v, p, sizeof(float));
+  return __builtin_shuffle(v, i8{});
+}
+FA_CPU_INLINE d4 splat(const double* p) {
+  typedef int64_t l4 __attribute__((vector_size(32)));
+  d4 v{};
+  std::memcpy(&v, p, sizeof(double));
+  return __builtin_shuffle(v, l4{});
+}
+FA_CPU_INLINE f8 splat(float x) { return splat(&x); }
+
+// A "pair": 2W consecutive elements of the cache's dtype as two vectors of the compute type, converted in
+// registers. fp32 / fp64: two plain loads, elements in order. fp16 / bf16: one 32-byte load of 16 elements
+// seen as 8 32-bit words; the low halves (even elements) and the high halves (odd elements) become the two
+// vectors, so the conversion is one shift or mask per vector (widening 8 halves in order took 5 ops on AVX2).
+// The kernels keep Q and the output rows in the same permuted column order (pair_col below); a dot product
+// does not care, and the output is put back in order when it is written.
+template <typename S>
+constexpr bool kSplitPairs = sizeof(S) == 2;
+
+FA_CPU_INLINE void load_pair(const float* p, f8& a, f8& b) {
+  a = load(p);
+  b = load(p + 8);
+}
+FA_CPU_INLINE void load_pair(const double* p, d4& a, d4& b) {
+  a = load(p);
+  b = load(p + 4);
+}
+// bf16 is the top half of an fp32.
+FA_CPU_INLINE void load_pair(const c10::BFloat16* p, f8& a, f8& b) {
+  u8 w;
+  std::memcpy(&w, p, sizeof(w));
+  a = (f8)(w << 16);
+  b = (f8)(w & 0xffff0000u);
+}
+// fp16 (the low 16 bits of x) by integer ops, exact for every input: exponent and mantissa moved into fp32's
+// fields and multiplied by 2^112 (the bias difference; this also normalises subnormal halves), inf / NaN
+// given fp32's all-ones exponent, sign put back. GCC 12 turns a vector _Float16 -> float conversion into one
+// scalar vcvtph2ps per element, and an F16C intrinsic would not compile in the baseline clone.
+FA_CPU_INLINE f8 half_bits_to_float(u8 x) {
+  const u8 em = (x & 0x7fffu) << 13;
+  const u8 sign = (x & 0x8000u) << 16;
+  const u8 finite = (u8)((f8)em * 0x1p112f);
+  const u8 special = (u8)(em >= (0x7c00u << 13));  // all ones where inf / NaN
+  return (f8)((finite & ~special) | ((em | 0x7f800000u) & special) | sign);
+}
+FA_CPU_INLINE void load_pair(const c10::Half* p, f8& a, f8& b) {
+  u8 w;
+  std::memcpy(&w, p, sizeof(w));
+  a = half_bits_to_float(w);
+  b = half_bits_to_float(w >> 16);
+}
+
+// Column of position pos in the permuted order of a row of d columns: within each full group of 16 of a
+// 16-bit dtype, positions 0-7 hold the even columns and 8-15 the odd ones; elsewhere the identity.
+template <typename S>
+FA_CPU_INLINE int64_t pair_col(int64_t pos, int64_t d) {
+  if (!kSplitPairs<S> || pos >= d - d % 16) return pos;
+  const int64_t g = pos & ~int64_t(15), e = pos & 15;
+  return g + (e < 8 ? 2 * e : 2 * (e - 8) + 1);
+}
+
+// Software prefetch of the bytes [p, p + n): the next key block's rows are requested while the current
+// block is computed on. The hardware prefetchers alone left the loads of each block stalling on memory
+// (perf, one thread, fp32: ~70% of the score and output loops' samples on the first K / V load of a row).
+FA_CPU_INLINE void prefetch(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 0);
+}
+
+// Eight accumulators of 8 lanes -> the vector of their eight sums, in order, by a shuffle tree (halves,
+// quarters, pairs): 9 shuffles and 7 additions for what 8 separate horizontal sums do in ~40.
+FA_CPU_INLINE f8 reduce8(const f8 (&a)[8]) {
+  auto halves = [](f8 x, f8 y) {
+    return __builtin_shuffle(x, y, i8{0, 1, 2, 3, 8, 9, 10, 11}) + __builtin_shuffle(x, y, i8{4, 5, 6, 7, 12, 13, 14, 15});
+  };
+  auto quarters = [](f8 x, f8 y) {
+    return __builtin_shuffle(x, y, i8{0, 1, 8, 9, 4, 5, 12, 13}) + __builtin_shuffle(x, y, i8{2, 3, 10, 11, 6, 7, 14, 15});
+  };
+  auto pairs = [](f8 x, f8 y) {
+    return __builtin_shuffle(x, y, i8{0, 8, 2, 10, 4, 12, 6, 14}) + __builtin_shuffle(x, y, i8{1, 9, 3, 11, 5, 13, 7, 15});
+  };
+  // b_i: lanes 0-3 partial sums of a_i, lanes 4-7 of a_{i+4}
+  const f8 b0 = halves(a[0], a[4]), b1 = halves(a[1], a[5]), b2 = halves(a[2], a[6]), b3 = halves(a[3], a[7]);
+  // quarters(b0, b2): lane pairs hold a0, a2, a4, a6; quarters(b1, b3): a1, a3, a5, a7
+  return pairs(quarters(b0, b2), quarters(b1, b3));
+}
+
+FA_CPU_INLINE float hmax(f8 v) {
+  v = v > __builtin_shuffle(v, i8{4, 5, 6, 7, 0, 1, 2, 3}) ? v : __builtin_shuffle(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
+  v = v > __builtin_shuffle(v, i8{2, 3, 0, 1, 6, 7, 4, 5}) ? v : __builtin_shuffle(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
+  return v[0] > v[1] ? v[0] : v[1];
+}
+FA_CPU_INLINE float hsum(f8 v) {
+  v += __builtin_shuffle(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
+  return v[0] + v[1];
+}
+
+// 2^x, tile_math.h's vec::exp2 at 8 lanes (same range handling and degree-6 polynomial): exactly 0 below
+// -125 (also -inf and NaN), so masked scores give P = 0.
+FA_CPU_INLINE f8 exp2(f8 x) {
+  const i8 keep = x >= splat(-125.0f);
+  x = x < splat(127.0f) ? x : splat(127.0f);
+  const f8 magic = splat(12582912.0f);
+  const f8 t = x + magic;
+  const f8 f = x - (t - magic);
+  f8 y = splat(1.535612594e-4f);
+  y = y * f + 1.339881786e-3f;
+  y = y * f + 9.618427777e-3f;
+  y = y * f + 5.550332683e-2f;
+  y = y * f + 2.402264799e-1f;
+  y = y * f + 6.931472027e-1f;
+  y = y * f + 1.0f;
+  const i8 bits = (i8)y + ((i8)t << 23);
+  return (f8)(bits & keep);
+}
+}  // namespace dv
+
+// ---------------------------------------------------------------------------------------------------
+// Scores: s[r * lds + j] = q_r . k_j for RN query rows and KN keys (Q in the permuted column order), RN x KN
+// accumulators across D (index jj * RN + r), at most 8 so that they and the key pairs fit AVX2's 16 registers.
+// pre: the rows of the next block at the same positions, prefetched here (null: none).
+template <int RN, int KN, typename S, typename C>
+FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t d, C* s, int64_t lds,
+                            const S* const* pre) {
+  using VT = typename dv::Vec<C>::T;
+  constexpr int W = dv::Vec<C>::W;
+  static_assert(RN * KN <= 8, "at most 8 accumulators");
+  if (pre)
+    for (int jj = 0; jj < KN; ++jj) dv::prefetch(pre[jj], d * int64_t(sizeof(S)));
+  VT acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = VT{};
+  const int64_t dp = d - d % (2 * W);
+  for (int64_t c = 0; c < dp; c += 2 * W) {
+    // The keys' pairs stay in registers while each query row's pair is loaded once (10 loads per 16 FMAs
+    // at RN = 4, KN = 2; the q operands straight from memory made it 18, more than the 2 load ports take).
+    VT ka[KN], kb[KN];
+#pragma GCC unroll 8
+    for (int jj = 0; jj < KN; ++jj) dv::load_pair(kr[jj] + c, ka[jj], kb[jj]);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) {
+      const VT qa = dv::load(q + r * ldq + c), qb = dv::load(q + r * ldq + c + W);
+#pragma GCC unroll 8
+      for (int jj = 0; jj < KN; ++jj) {
+        acc[jj * RN + r] += qa * ka[jj];
+        acc[jj * RN + r] += qb * kb[jj];
+      }
+    }
+  }
+  C sum[8];
+  if constexpr (std::is_same<C, float>::value) {
+    dv::store(sum, dv::reduce8(acc));
+  } else {
+    for (int i = 0; i < RN * KN; ++i) sum[i] = (acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3]);
+  }
+  for (int64_t c = dp; c < d; ++c)  // the last d % 2W columns, in order
+    for (int jj = 0; jj < KN; ++jj)
+      for (int r = 0; r < RN; ++r) sum[jj * RN + r] += q[r * ldq + c] * static_cast<C>(kr[jj][c]);
+#pragma GCC unroll 8
+  for (int jj = 0; jj < KN; ++jj)
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) s[r * lds + jj] = sum[jj * RN + r];
+}
+
+// Rows in blocks of 4 (a smaller block for the last ones), keys in blocks of KN: RN x KN accumulators plus
+// 2 KN key vectors and 2 query vectors within 16 registers. pre (null: none) holds the rows of the next
+// block, pre_n of them, prefetched during the first row block.
+template <int RN, typename S, typename C>
+FA_CPU_INLINE void qk_rows(const C* q, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, int64_t lds,
+                           const S* const* pre, int64_t pre_n) {
+  constexpr int KN = RN == 1 ? 4 : RN == 2 ? 3 : 2;
+  int64_t j = 0;
+  for (; j + KN <= kn; j += KN)
+    qk_micro<RN, KN, S, C>(q, ldq, kr + j, d, s + j, lds, pre && j + KN <= pre_n ? pre + j : nullptr);
+  for (; j < kn; ++j) qk_micro<RN, 1, S, C>(q, ldq, kr + j, d, s + j, lds, pre && j < pre_n ? pre + j : nullptr);
+  if (pre)
+    for (; j < pre_n; ++j) dv::prefetch(pre[j], d * int64_t(sizeof(S)));
+}
+
+template <typename S, typename C>
+FA_CPU_INLINE void qk_tile(const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s,
+                           int64_t lds, const S* const* pre, int64_t pre_n) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4, pre = nullptr)
+    qk_rows<4, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n);
+  switch (rows - r) {
+    case 3: qk_rows<3, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n); break;
+    case 2: qk_rows<2, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n); break;
+    case 1: qk_rows<1, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n); break;
+    default: break;
+  }
+}
+
+// Output: o_r = alpha_r o_r + sum_j p[r * ldp + j] v_j for RN rows over NP pairs of columns from c0 (the
+// permuted order): RN x 2 NP accumulators stay in registers for the whole key block, and each V pair is
+// loaded and converted once per row block. pb holds P pre-broadcast, pb[j * RN + r] = p[r][j] in every lane,
+// so the loop multiplies by a plain vector load: a broadcast per (row, key, column pair) in the loop was
+// 2 uops each (vmovss + vbroadcastss), as many as the FMAs.
+template <int RN, int NP, typename S, typename C>
+FA_CPU_INLINE void pv_micro(const typename dv::Vec<C>::T* pb, const C* alpha, const S* const* vr, int64_t kn,
+                            int64_t c0, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+  using VT = typename dv::Vec<C>::T;
+  constexpr int W = dv::Vec<C>::W;
+  VT acc[RN][2 * NP];
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r) {
+    const VT a = dv::splat(alpha + r);
+#pragma GCC unroll 8
+    for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] = a * dv::load(o + r * ldo + c0 + cc * W);
+  }
+  for (int64_t j = 0; j < kn; ++j) {
+    if (pre && j < pre_n) dv::prefetch(pre[j] + c0, 2 * NP * W * int64_t(sizeof(S)));
+    VT x[2 * NP];
+#pragma GCC unroll 4
+    for (int np = 0; np < NP; ++np) dv::load_pair(vr[j] + c0 + 2 * np * W, x[2 * np], x[2 * np + 1]);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) {
+      const VT pj = pb[j * RN + r];
+#pragma GCC unroll 8
+      for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] += pj * x[cc];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int cc = 0; cc < 2 * NP; ++cc) dv::store(o + r * ldo + c0 + cc * W, acc[r][cc]);
+}
+
+template <int RN, typename S, typename C>
+FA_CPU_INLINE void pv_rows(const C* pr, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn, int64_t d,
+                           C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+  using VT = typename dv::Vec<C>::T;
+  constexpr int W = dv::Vec<C>::W;
+  constexpr int NP = RN <= 2 ? 2 : 1;
+  alignas(32) VT pb[RN * kBlockK];
+  for (int64_t j = 0; j < kn; ++j)
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) pb[j * RN + r] = dv::splat(pr + r * ldp + j);
+  int64_t c = 0;
+  for (; c + 2 * NP * W <= d; c += 2 * NP * W) pv_micro<RN, NP, S, C>(pb, alpha, vr, kn, c, o, ldo, pre, pre_n);
+  for (; c + 2 * W <= d; c += 2 * W) pv_micro<RN, 1, S, C>(pb, alpha, vr, kn, c, o, ldo, pre, pre_n);
+  if (pre && c < d)
+    for (int64_t j = 0; j < pre_n; ++j) dv::prefetch(pre[j] + c, (d - c) * int64_t(sizeof(S)));
+  for (; c < d; ++c)  // the last d % 2W columns, in order
+    for (int r = 0; r < RN; ++r) {
+      C a = alpha[r] * o[r * ldo + c];
+      for (int64_t j = 0; j < kn; ++j) a += pr[r * ldp + j] * static_cast<C>(vr[j][c]);
+      o[r * ldo + c] = a;
+    }
+}
+
+template <typename S, typename C>
+FA_CPU_INLINE void pv_tile(const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,
+                           int64_t d, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+  if (pre_n > kn) {  // rows the loops below do not reach
+    for (int64_t j = kn; j < pre_n; ++j) dv::prefetch(pre[j], d * int64_t(sizeof(S)));
+    pre_n = kn;
+  }
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4, pre = nullptr)
+    pv_rows<4, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n);
+  switch (rows - r) {
+    case 3: pv_rows<3, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n); break;
+    case 2: pv_rows<2, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n); break;
+    case 1: pv_rows<1, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n); break;
+    default: break;
+  }
+}
+
+// One online-softmax step on a score tile (rows x cols, ld; base 2, masked to -inf), as tile_math.h's
+// softmax_step but on 8-lane vectors (see the note at dv): m_new = max(m, rowmax); s <- 2^(s - m_new);
+// l <- alpha l + rowsum with alpha = 2^(m - m_new). A row whose max is still -inf uses 0 in its place.
+FA_CPU_CLONES void softmax_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l, float* alpha) {
+  constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+  const int64_t cv = cols - cols % 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    // columns past cols read as -inf
+    float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = cv + i < cols ? row[cv + i] : kNegInfF;
+    dv::f8 vm = dv::load(tail);
+    for (int64_t c = 0; c < cv; c += 8) {
+      const dv::f8 x = dv::load(row + c);
+      vm = vm > x ? vm : x;
+    }
+    const float tmax = dv::hmax(vm);
+    const float m_old = m[r];
+    const float m_new = tmax > m_old ? tmax : m_old;
+    const float m_use = m_new == kNegInfF ? 0.0f : m_new;
+    alpha[r] = m_old == m_new ? 1.0f : std::exp2(m_old - m_use);
+    const dv::f8 sub = dv::splat(m_use);
+    dv::f8 vs = dv::exp2(dv::load(tail) - sub);
+    dv::store(tail, vs);
+    for (int64_t c = cv; c < cols; ++c) row[c] = tail[c - cv];
+    for (int64_t c = 0; c < cv; c += 8) {
+      const dv::f8 e = dv::exp2(dv::load(row + c) - sub);
+      dv::store(row + c, e);
+      vs += e;
+    }
+    l[r] = l[r] * alpha[r] + dv::hsum(vs);
+    m[r] = m_new;
+  }
+}
+inline void softmax_rows(double* s, int64_t rows, int64_t cols, int64_t ld, double* m, double* l, double* alpha) {
+  cpu::softmax_step(s, rows, cols, ld, m, l, alpha);
+}
+
+// One compiled (and ISA-cloned) pair of tile functions per (cache dtype, compute type); the templates above
+// are inlined into each clone.
+#define FA_DECODE_TILES(S, C)                                                                                  \
+  FA_CPU_CLONES void qk(const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, \
+                        int64_t lds, const S* const* pre, int64_t pre_n) {                                     \
+    qk_tile<S, C>(q, rows, ldq, kr, kn, d, s, lds, pre, pre_n);                                                \
+  }                                                                                                            \
+  FA_CPU_CLONES void pv(const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,\
+                        int64_t d, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {                    \
+    pv_tile<S, C>(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre, pre_n);                                        \
+  }
+FA_DECODE_TILES(float, float)
+FA_DECODE_TILES(c10::BFloat16, float)
+FA_DECODE_TILES(c10::Half, float)
+FA_DECODE_TILES(double, double)
+#undef FA_DECODE_TILES
+
+// ---------------------------------------------------------------------------------------------------
+
+// The split count for num_splits = 0: one split per (batch, kv head, query block) when those tasks already
+// give every thread several of similar size; otherwise enough splits for ~8 tasks per thread, no split
+// shorter than kMinSplitKeys keys.
+int64_t pick_splits(int64_t groups, int64_t longest_keys) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (groups >= 8 * threads) return 1;
+  const int64_t want = cdiv(8 * threads, std::max<int64_t>(groups, 1));
+  return std::max<int64_t>(1, std::min(want, longest_keys / kMinSplitKeys));
+}
+
+template <typename S, typename C>
+struct Scratch {
+  std::unique_ptr<C[]> q, s, acc, m, l, alpha;
+  std::unique_ptr<const S*[]> kr, vr;  // row pointers of the current and the next key block
+};
+
 template <typename S, typename C>
 void kvcache_impl(const AttnParams& p) {
+  constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+  const int64_t nb = p.batch, hk = p.hk, grp = p.group(), d = p.d;
+  if (nb == 0 || p.hq == 0 || p.sq == 0 || d == 0) return;
   const S* q = static_cast<const S*>(p.q);
   const S* k = static_cast<const S*>(p.k);
   const S* v = static_cast<const S*>(p.v);
   S* o = static_cast<S*>(p.o);
   C* lse = static_cast<C*>(p.lse);
-  const int64_t d = p.d, rows = p.batch * p.hq * p.sq;
-  at::parallel_for(0, rows, 1, [&](int64_t beg, int64_t end) {
-    std::unique_ptr<C[]> acc(new C[d]), qr(new C[d]);
-    for (int64_t r = beg; r < end; ++r) {
-      const int64_t i = r % p.sq, h = (r / p.sq) % p.hq, b = r / p.sq / p.hq, kvh = h / p.group();
-      const SeqInfo s = p.seq(b);
-      const Band band(p, s);
-      const ScoreMod mod(p, b, h, s);
-      const S* qi = q + p.q_st.at(b, h, i);
-      for (int64_t c = 0; c < d; ++c) {
-        qr[c] = static_cast<C>(qi[c]);
-        acc[c] = 0;
-      }
-      C m = -std::numeric_limits<C>::infinity(), l = 0;
+
+  std::vector<SeqInfo> seqs(nb);
+  for (int64_t b = 0; b < nb; ++b) seqs[b] = p.seq(b);
+  // Query positions per task, so that a task has about kTaskRows rows (at least the whole group).
+  const int64_t qb = std::min(std::max<int64_t>(1, kTaskRows / grp), p.sq);
+  const int64_t nqb = cdiv(p.sq, qb);
+  const int64_t rows_max = grp * qb;
+  const int64_t groups = nb * hk * nqb;  // (b, kv head, query block)
+
+  // Key range of each (b, query block): the keys any of its rows sees.
+  std::vector<int64_t> kbeg(nb * nqb), kend(nb * nqb);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t qi = 0; qi < nqb; ++qi) {
       int64_t kb, ke;
-      band.key_range(i, i + 1, kb, ke);
-      for (int64_t j = kb; j < ke; ++j) {
-        const S* kj = k + p.k_row(b, kvh, j, s);
-        C x = 0;
-        for (int64_t c = 0; c < d; ++c) x += qr[c] * static_cast<C>(kj[c]);
-        x *= static_cast<C>(p.scale);
-        if (mod.cap > 0) x = static_cast<C>(mod.cap) * std::tanh(x * static_cast<C>(mod.inv_cap));
-        if (mod.slope != 0) x -= static_cast<C>(mod.alibi_bias(i, j));
-        const C m_new = x > m ? x : m;
-        const C alpha = std::exp(m - m_new), pj = std::exp(x - m_new);
-        l = l * alpha + pj;
-        const S* vj = v + p.v_row(b, kvh, j, s);
-        for (int64_t c = 0; c < d; ++c) acc[c] = acc[c] * alpha + pj * static_cast<C>(vj[c]);
-        m = m_new;
-      }
-      S* oi = o + p.o_st.at(b, h, i);
-      const bool any = l > 0;
-      for (int64_t c = 0; c < d; ++c) oi[c] = static_cast<S>(any ? acc[c] / l : C(0));
-      lse[b * p.lse_b + h * p.lse_h + i] = any ? m + std::log(l) : -std::numeric_limits<C>::infinity();
+      Band(p, seqs[b]).key_range(qi * qb, qi * qb + qb, kb, ke);
+      kbeg[b * nqb + qi] = kb;
+      kend[b * nqb + qi] = std::max(kb, ke);
+      longest = std::max(longest, ke - kb);
     }
-  });
+  const int64_t ns = p.num_splits > 0 ? p.num_splits : pick_splits(groups, longest);
+  // Split t of a range [kb, ke): [kb + t * chunk, kb + (t + 1) * chunk) clipped, chunk a multiple of kBlockK.
+  auto split_range = [&](int64_t b, int64_t qi, int64_t t, int64_t& s0, int64_t& s1) {
+    const int64_t kb = kbeg[b * nqb + qi], ke = kend[b * nqb + qi];
+    const int64_t chunk = cdiv(cdiv(ke - kb, ns), kBlockK) * kBlockK;
+    s0 = std::min(ke, kb + t * chunk);
+    s1 = std::min(ke, s0 + chunk);
+  };
+
+  // Scores in base 2 (tile_math.h): Q is pre-scaled by scale * log2(e); with a softcap by scale only, and
+  // score_mod_tile moves the capped score to base 2.
+  const bool capped = p.softcap > 0;
+  const C qscale = static_cast<C>(capped ? p.scale : p.scale * kLog2e);
+  const bool mods = capped || p.alibi != nullptr;
+
+  // Partials of the splits (ns > 1): per (group, split) rows_max x d unnormalised outputs, then the running
+  // max and sum of each row.
+  const int64_t slot = rows_max * (d + 2);
+  const int64_t groups_per_wave =
+      ns == 1 ? groups
+              : std::max<int64_t>(1, std::min(groups, kWorkspaceBudget / (ns * slot * int64_t(sizeof(C)))));
+  std::vector<C> part(ns == 1 ? 0 : groups_per_wave * ns * slot);
+
+  auto make = [&] {
+    Scratch<S, C> w;
+    w.q.reset(new C[rows_max * d]);
+    w.s.reset(new C[rows_max * kBlockK]);
+    w.acc.reset(new C[rows_max * d]);
+    w.m.reset(new C[rows_max]);
+    w.l.reset(new C[rows_max]);
+    w.alpha.reset(new C[rows_max]);
+    w.kr.reset(new const S*[2 * kBlockK]);
+    w.vr.reset(new const S*[2 * kBlockK]);
+    return w;
+  };
+
+  // Task (group g, split t): rows r = hg * qn + i (head hg of the group, query position q0 + i), so that the
+  // rows of one head are contiguous for mask_tile / score_mod_tile.
+  auto body = [&](Scratch<S, C>& w, int64_t g, int64_t t, int64_t g0) {
+    const int64_t b = g / (hk * nqb), kvh = (g / nqb) % hk, qi = g % nqb;
+    const SeqInfo& si = seqs[b];
+    const int64_t q0 = qi * qb, qn = std::min(qb, si.sq - q0), rows = grp * qn;
+    int64_t s0, s1;
+    split_range(b, qi, t, s0, s1);
+    C* qc = w.q.get();
+    C* s = w.s.get();
+    C* acc = w.acc.get();
+    C* m = w.m.get();
+    C* l = w.l.get();
+    C* alpha = w.alpha.get();
+    const S** kr = w.kr.get();
+    const S** vr = w.vr.get();
+    const S** kr_next = kr + kBlockK;
+    const S** vr_next = vr + kBlockK;
+    for (int64_t r = 0; r < rows; ++r) {
+      m[r] = kNegInf;
+      l[r] = 0;
+    }
+    if (s1 > s0) {
+      for (int64_t hg = 0; hg < grp; ++hg)
+        for (int64_t i = 0; i < qn; ++i) {
+          const S* qrow = q + p.q_st.at(b, kvh * grp + hg, si.q_off + q0 + i);
+          C* dst = qc + (hg * qn + i) * d;
+          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<C>(qrow[dv::pair_col<S>(c, d)]) * qscale;
+        }
+      std::fill(acc, acc + rows * d, C(0));
+    }
+    // Row pointers of the keys [k0, k0 + kn); a paged cache resolves one block_table entry per page.
+    auto rows_of = [&](int64_t k0, int64_t kn, const S** kp_out, const S** vp_out) {
+      if (p.block_table) {
+        const int32_t* bt = p.block_table + b * p.block_table_b;
+        for (int64_t j = k0; j < k0 + kn;) {
+          const int64_t page = bt[j / p.page_size], slot0 = j % p.page_size;
+          const int64_t n = std::min(p.page_size - slot0, k0 + kn - j);
+          const S* kp = k + page * p.k_st.b + kvh * p.k_st.h + slot0 * p.k_st.s;
+          const S* vp = v + page * p.v_st.b + kvh * p.v_st.h + slot0 * p.v_st.s;
+          for (int64_t x = 0; x < n; ++x) {
+            kp_out[j - k0 + x] = kp + x * p.k_st.s;
+            vp_out[j - k0 + x] = vp + x * p.v_st.s;
+          }
+          j += n;
+        }
+      } else {
+        const S* kp = k + p.k_st.at(b, kvh, si.k_off + k0);
+        const S* vp = v + p.v_st.at(b, kvh, si.k_off + k0);
+        for (int64_t x = 0; x < kn; ++x) {
+          kp_out[x] = kp + x * p.k_st.s;
+          vp_out[x] = vp + x * p.v_st.s;
+        }
+      }
+    };
+    const TileVisit whole{0, false};
+    if (s1 > s0) rows_of(s0, std::min(kBlockK, s1 - s0), kr, vr);
+    for (int64_t k0 = s0; k0 < s1; k0 += kBlockK) {
+      const int64_t kn = std::min(kBlockK, s1 - k0);
+      // The next block's rows, prefetched during this block's two products.
+      const int64_t nn = std::min(kBlockK, s1 - k0 - kn);
+      if (nn > 0) rows_of(k0 + kn, nn, kr_next, vr_next);
+      qk(qc, rows, d, kr, kn, d, s, kBlockK, nn > 0 ? kr_next : nullptr, nn);
+      const bool need_mask = tile_needs_mask(p, whole, b, q0, q0 + qn, k0, k0 + kn);
+      if (mods || need_mask)
+        for (int64_t hg = 0; hg < grp; ++hg) {
+          const int64_t h = kvh * grp + hg;
+          C* sh = s + hg * qn * kBlockK;
+          if (mods) cpu::score_mod_tile(ScoreMod(p, b, h, si), q0, qn, k0, kn, sh, kBlockK, false, static_cast<C*>(nullptr));
+          if (need_mask) cpu::mask_tile(p, whole, b, h, q0, qn, k0, kn, sh, kBlockK, false);
+        }
+      softmax_rows(s, rows, kn, kBlockK, m, l, alpha);
+      pv(s, rows, kBlockK, alpha, vr, kn, d, acc, d, nn > 0 ? vr_next : nullptr, nn);
+      std::swap(kr, kr_next);
+      std::swap(vr, vr_next);
+    }
+
+    if (ns > 1) {  // partial: unnormalised rows, max, sum
+      C* dst = part.data() + ((g - g0) * ns + t) * slot;
+      if (s1 > s0) std::copy(acc, acc + rows * d, dst);
+      std::copy(m, m + rows, dst + rows_max * d);
+      std::copy(l, l + rows, dst + rows_max * d + rows_max);
+      return;
+    }
+    for (int64_t hg = 0; hg < grp; ++hg) {
+      const int64_t h = kvh * grp + hg;
+      for (int64_t i = 0; i < qn; ++i) {
+        const int64_t r = hg * qn + i;
+        S* orow = o + p.o_st.at(b, h, si.q_off + q0 + i);
+        C* lrow = lse + b * p.lse_b + h * p.lse_h + si.q_off + q0 + i;
+        if (!(l[r] > 0)) {
+          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<S>(0);
+          *lrow = kNegInf;
+          continue;
+        }
+        const C inv = C(1) / l[r];
+        const C* ar = acc + r * d;
+        for (int64_t c = 0; c < d; ++c) orow[dv::pair_col<S>(c, d)] = static_cast<S>(ar[c] * inv);
+        *lrow = (m[r] + std::log2(l[r])) * static_cast<C>(kLn2);
+      }
+    }
+  };
+
+  // Merge of the splits of group g, in split order: max M of the parts' maxima, then sums weighted by
+  // 2^(m_t - M).
+  auto merge = [&](int64_t g, int64_t g0) {
+    const int64_t b = g / (hk * nqb), kvh = (g / nqb) % hk, qi = g % nqb;
+    const SeqInfo& si = seqs[b];
+    const int64_t q0 = qi * qb, qn = std::min(qb, si.sq - q0);
+    C* base = part.data() + (g - g0) * ns * slot;
+    for (int64_t hg = 0; hg < grp; ++hg) {
+      const int64_t h = kvh * grp + hg;
+      for (int64_t i = 0; i < qn; ++i) {
+        const int64_t r = hg * qn + i;
+        S* orow = o + p.o_st.at(b, h, si.q_off + q0 + i);
+        C* lrow = lse + b * p.lse_b + h * p.lse_h + si.q_off + q0 + i;
+        C mx = kNegInf;
+        for (int64_t t = 0; t < ns; ++t) {
+          const C* pt = base + t * slot + rows_max * d;
+          if (pt[rows_max + r] > 0) mx = std::max(mx, pt[r]);
+        }
+        if (mx == kNegInf) {
+          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<S>(0);
+          *lrow = kNegInf;
+          continue;
+        }
+        C sum = 0;
+        C* out = nullptr;  // accumulated in the first contributing part's own row
+        for (int64_t t = 0; t < ns; ++t) {
+          C* pt = base + t * slot;
+          const C lt = pt[rows_max * d + rows_max + r];
+          if (!(lt > 0)) continue;
+          const C wgt = std::exp2(pt[rows_max * d + r] - mx);
+          sum += lt * wgt;
+          C* row = pt + r * d;
+          if (!out) {
+            out = row;
+            for (int64_t c = 0; c < d; ++c) out[c] *= wgt;
+          } else {
+            for (int64_t c = 0; c < d; ++c) out[c] += wgt * row[c];
+          }
+        }
+        const C inv = C(1) / sum;
+        for (int64_t c = 0; c < d; ++c) orow[dv::pair_col<S>(c, d)] = static_cast<S>(out[c] * inv);
+        *lrow = (mx + std::log2(sum)) * static_cast<C>(kLn2);
+      }
+    }
+  };
+
+  for (int64_t g0 = 0; g0 < groups; g0 += groups_per_wave) {
+    const int64_t g1 = std::min(groups, g0 + groups_per_wave);
+    std::vector<int64_t> cost;
+    cost.reserve((g1 - g0) * ns);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g / (hk * nqb), qi = g % nqb;
+      const int64_t rows = grp * std::min(qb, seqs[b].sq - qi * qb);
+      for (int64_t t = 0; t < ns; ++t) {
+        int64_t s0, s1;
+        split_range(b, qi, t, s0, s1);
+        cost.push_back(rows * (s1 - s0) + 1);
+      }
+    }
+    cpu::run_tasks(cost, make, [&](Scratch<S, C>& w, int64_t task) { body(w, g0 + task / ns, task % ns, g0); });
+    if (ns > 1)
+      at::parallel_for(g0, g1, 1, [&](int64_t beg, int64_t end) {
+        for (int64_t g = beg; g < end; ++g) merge(g, g0);
+      });
+  }
 }
 
 }  // namespace

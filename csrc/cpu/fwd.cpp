@@ -7,6 +7,7 @@
 // and finally O /= l, lse = m + log l (all in base 2, see tile_math.h). Rows that see no key end with
 // out 0 and lse -inf.
 #include <memory>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -121,10 +122,23 @@ void fwd_impl(const AttnParams& p) {
       const int64_t kn = imin(tk, sk - k0);
 
       cpu::gemm(qn, kn, d, qtile, p.q_st.s, kth + k0, ldk[b], s, tk, false);
-      if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, s, tk, false, static_cast<T*>(nullptr));
+      // Mask first (-inf), then the modifiers, which keep -inf: in fp32 they run inside the softmax step's
+      // first pass over the tile (tile_math.h), in fp64 as their own pass.
       if (tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn))
         cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
-      cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
+      if constexpr (std::is_same_v<T, float>) {
+        if (mod.active()) {
+          const cpu::RowMod rm{mod.cap > 0 ? static_cast<float>(mod.inv_cap) : 0.0f,
+                               static_cast<float>(kLog2e * mod.cap), static_cast<float>(kLog2e * mod.slope),
+                               static_cast<float>(q0 + mod.offset - k0)};
+          cpu::softmax_step(s, qn, kn, tk, m, l, alpha, &rm);
+        } else {
+          cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
+        }
+      } else {
+        if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, s, tk, false, static_cast<T*>(nullptr));
+        cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
+      }
       if (started) {
         for (int64_t r = 0; r < qn; ++r) {
           if (alpha[r] == T(1)) continue;

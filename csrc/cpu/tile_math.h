@@ -243,62 +243,97 @@ FA_CPU_INLINE f16 exp2(f16 x) {
 // tanh(y) = sign(y) (1 - e) / (1 + e) with e = 2^(-2 log2(e) |y|), on the vector exp2 above: a libm tanh
 // per score cost as much as the whole forward.
 
-FA_CPU_CLONES static void softcap_row_f32(float* x, int64_t n, float inv_cap, float out_mul, float* dmod) {
-  const int64_t nv = n - n % vec::kW;
-  const float k2 = -2.0f * 1.4426950408889634f;
-  auto one = [&](vec::f16 y, vec::f16& t, vec::f16& g) {
-    const vec::f16 a = y * inv_cap;
-    const vec::f16 ab = a < vec::splat(0.0f) ? -a : a;
-    const vec::f16 e = vec::exp2(ab * k2);
-    const vec::f16 th = (vec::splat(1.0f) - e) / (vec::splat(1.0f) + e);
-    t = a < vec::splat(0.0f) ? -th : th;
-    g = vec::splat(1.0f) - t * t;
-  };
-  for (int64_t c = 0; c < nv; c += vec::kW) {
-    vec::f16 t, g;
-    one(vec::load(x + c), t, g);
-    vec::store(x + c, t * out_mul);
-    if (dmod) vec::store(dmod + c, g);
+// The modifiers on one vector of a line: y <- cap_mul * tanh(y * inv_cap) (when inv_cap > 0), then
+// y -= a * |dstart + step * lane| (when a != 0); -inf stays -inf (masked scores stay masked). g, when
+// non-null, gets d(capped)/dy = 1 - tanh^2. Always inlined, so it is compiled for each target clone of its
+// caller (a lambda or an out-of-line helper would be compiled for the baseline ISA only).
+namespace vec {
+FA_CPU_INLINE f16 score_mod(f16 y, float inv_cap, float cap_mul, float a, float dstart, float step, f16* g) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const i16 masked = y == splat(ninf);
+  if (inv_cap > 0.0f) {
+    const f16 u = y * inv_cap;
+    const f16 au = u < splat(0.0f) ? -u : u;
+    const f16 e = exp2(au * (-2.0f * 1.4426950408889634f));  // in (0, 1]
+    const f16 th = (splat(1.0f) - e) / (splat(1.0f) + e);
+    const f16 t = u < splat(0.0f) ? -th : th;
+    if (g) *g = splat(1.0f) - t * t;
+    y = t * cap_mul;
   }
-  if (nv < n) {
-    vec::f16 t, g;
-    one(vec::load_part(x + nv, n - nv, 0.0f), t, g);
-    vec::store_part(x + nv, t * out_mul, n - nv);
-    if (dmod) vec::store_part(dmod + nv, g, n - nv);
+  if (a != 0.0f) {
+    const f16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const f16 dd = splat(dstart) + iota * step;
+    y -= a * (dd < splat(0.0f) ? -dd : dd);
+  }
+  return masked ? splat(ninf) : y;
+}
+}  // namespace vec
+
+// One line of a tile through vec::score_mod (the backward's separate pass; the forward fuses the same
+// arithmetic into its softmax step).
+FA_CPU_CLONES static void mod_row_f32(float* x, int64_t n, float inv_cap, float cap_mul, float a, float d0,
+                                      float step, float* dmod) {
+  for (int64_t c = 0; c < n; c += vec::kW) {
+    const int64_t w = n - c < vec::kW ? n - c : vec::kW;
+    vec::f16 g;
+    const vec::f16 y0 = w == vec::kW ? vec::load(x + c) : vec::load_part(x + c, w, 0.0f);
+    const vec::f16 y = vec::score_mod(y0, inv_cap, cap_mul, a, d0 + step * static_cast<float>(c), step,
+                                      dmod ? &g : nullptr);
+    if (w == vec::kW) {
+      vec::store(x + c, y);
+      if (dmod) vec::store(dmod + c, g);
+    } else {
+      vec::store_part(x + c, y, w);
+      if (dmod) vec::store_part(dmod + c, g, w);
+    }
   }
 }
 
-inline void softcap_row(float* x, int64_t n, double inv_cap, double out_mul, float* dmod) {
-  softcap_row_f32(x, n, static_cast<float>(inv_cap), static_cast<float>(out_mul), dmod);
+inline void mod_row(float* x, int64_t n, double inv_cap, double cap_mul, double a, double d0, double step,
+                    float* dmod) {
+  mod_row_f32(x, n, static_cast<float>(inv_cap), static_cast<float>(cap_mul), static_cast<float>(a),
+              static_cast<float>(d0), static_cast<float>(step), dmod);
 }
-inline void softcap_row(double* x, int64_t n, double inv_cap, double out_mul, double* dmod) {
+inline void mod_row(double* x, int64_t n, double inv_cap, double cap_mul, double a, double d0, double step,
+                    double* dmod) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < n; ++c) {
-    const double t = std::tanh(x[c] * inv_cap);
-    x[c] = out_mul * t;
-    if (dmod) dmod[c] = 1.0 - t * t;
+    if (x[c] == kNegInf) {  // masked: stays -inf; its dmod must still be written (P = 0 there, 0 * junk = NaN)
+      if (dmod) dmod[c] = 0.0;
+      continue;
+    }
+    double y = x[c];
+    if (inv_cap > 0) {
+      const double t = std::tanh(y * inv_cap);
+      if (dmod) dmod[c] = 1.0 - t * t;
+      y = cap_mul * t;
+    }
+    if (a != 0) {
+      const double dd = d0 + step * static_cast<double>(c);
+      y -= a * (dd < 0 ? -dd : dd);
+    }
+    x[c] = y;
   }
 }
 
-// Rows are query rows q0.. (transposed = false) or key rows k0.. (transposed = true, the backward's layout).
+// Score modifiers (mask.h's ScoreMod) on a score tile. With a softcap the tile holds the natural-unit
+// scores s = scale * q.k and leaves as x = log2(e) * (cap * tanh(s / cap)); without one it holds
+// x = log2(e) * s already. Then ALiBi subtracts log2(e) * slope * |i + offset - j|. Entries already masked
+// to -inf stay -inf. With dmod non-null (the backward), dmod gets d(capped)/ds = 1 - tanh^2 at the same
+// positions (ld shared with s). Rows are query rows q0.. (transposed = false) or key rows k0.. (transposed
+// = true, the backward's layout). tanh(y) = sign(y) (1 - e) / (1 + e) with e = 2^(-2 log2(e) |y|), on the
+// vector exp2 above.
 template <typename T>
 void score_mod_tile(const ScoreMod& mod, int64_t q0, int64_t qn, int64_t k0, int64_t kn, T* s, int64_t ld,
                     bool transposed, T* dmod) {
   constexpr double kL2e = 1.4426950408889634074;
   const int64_t lines = transposed ? kn : qn, len = transposed ? qn : kn;
+  const double a = kL2e * mod.slope;
   for (int64_t r = 0; r < lines; ++r) {
-    T* line = s + r * ld;
-    if (mod.cap > 0) softcap_row(line, len, mod.inv_cap, kL2e * mod.cap, dmod ? dmod + r * ld : nullptr);
-    if (mod.slope != 0) {
-      const T a = static_cast<T>(kL2e * mod.slope);
-      // distance i + offset - j along the line: +1 per query step, -1 per key step
-      const int64_t d0 = transposed ? q0 + mod.offset - (k0 + r) : q0 + r + mod.offset - k0;
-      // In T arithmetic so the loop vectorises (exact: distances stay far below 2^24).
-      const T t0 = static_cast<T>(d0), step = transposed ? T(1) : T(-1);
-      for (int64_t c = 0; c < len; ++c) {
-        const T dd = t0 + step * static_cast<T>(c);
-        line[c] -= a * (dd < T(0) ? -dd : dd);
-      }
-    }
+    // distance i + offset - j along the line: +1 per query step, -1 per key step
+    const int64_t d0 = transposed ? q0 + mod.offset - (k0 + r) : q0 + r + mod.offset - k0;
+    mod_row(s + r * ld, len, mod.cap > 0 ? mod.inv_cap : 0.0, kL2e * mod.cap, a, static_cast<double>(d0),
+            transposed ? 1.0 : -1.0, dmod ? dmod + r * ld : nullptr);
   }
 }
 
@@ -309,15 +344,39 @@ void score_mod_tile(const ScoreMod& mod, int64_t q0, int64_t qn, int64_t k0, int
 // accumulator. A row whose max is still -inf uses 0 in place of the max (so P = 0 and alpha = 1, never
 // NaN).
 
+// With a score modifier (fwd.cpp passes `mod` for tiles of a ScoreMod-active call), the first pass over
+// each row applies vec::score_mod in registers and stores the result before the second pass reads it,
+// instead of a separate pass over the tile: one read and one write of the tile less.
+struct RowMod {
+  float inv_cap = 0.0f, cap_mul = 0.0f, a = 0.0f;
+  float d0 = 0.0f;  // distance i + offset - j at row 0, column 0; +1 per row, -1 per column
+};
+
 FA_CPU_CLONES static void softmax_step_f32(float* s, int64_t rows, int64_t cols, int64_t ld, float* m,
-                                           float* l, float* alpha) {
+                                           float* l, float* alpha, const RowMod* mod) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t cv = cols - cols % vec::kW;
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
     vec::f16 vm = vec::splat(kNegInf);
-    for (int64_t c = 0; c < cv; c += vec::kW) vm = vec::vmax(vm, vec::load(row + c));
-    if (cv < cols) vm = vec::vmax(vm, vec::load_part(row + cv, cols - cv, kNegInf));
+    if (mod) {
+      const float dr = mod->d0 + static_cast<float>(r);
+      for (int64_t c = 0; c < cv; c += vec::kW) {
+        const vec::f16 y = vec::score_mod(vec::load(row + c), mod->inv_cap, mod->cap_mul, mod->a,
+                                          dr - static_cast<float>(c), -1.0f, nullptr);
+        vec::store(row + c, y);
+        vm = vec::vmax(vm, y);
+      }
+      if (cv < cols) {
+        const vec::f16 y = vec::score_mod(vec::load_part(row + cv, cols - cv, kNegInf), mod->inv_cap,
+                                          mod->cap_mul, mod->a, dr - static_cast<float>(cv), -1.0f, nullptr);
+        vec::store_part(row + cv, y, cols - cv);
+        vm = vec::vmax(vm, y);
+      }
+    } else {
+      for (int64_t c = 0; c < cv; c += vec::kW) vm = vec::vmax(vm, vec::load(row + c));
+      if (cv < cols) vm = vec::vmax(vm, vec::load_part(row + cv, cols - cv, kNegInf));
+    }
     const float tile_max = vec::hmax(vm);
     const float m_old = m[r];
     const float m_new = tile_max > m_old ? tile_max : m_old;
@@ -340,8 +399,9 @@ FA_CPU_CLONES static void softmax_step_f32(float* s, int64_t rows, int64_t cols,
   }
 }
 
-inline void softmax_step(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l, float* alpha) {
-  softmax_step_f32(s, rows, cols, ld, m, l, alpha);
+inline void softmax_step(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l, float* alpha,
+                         const RowMod* mod = nullptr) {
+  softmax_step_f32(s, rows, cols, ld, m, l, alpha, mod);
 }
 
 inline void softmax_step(double* s, int64_t rows, int64_t cols, int64_t ld, double* m, double* l,

@@ -17,6 +17,12 @@
 // for P, and dS goes to shared memory only for dQ). With WH = 2 (head dims > 128) the two warps of a key
 // group compute the same S^T / dP^T: 2 of the 5 products are done twice, the price of keeping dK and dV
 // of a 256-wide head in registers without a P exchange through shared memory.
+//
+// Packed variable-length batches (AttnParams::seq): blocks work on sequence b's rows q_off + .. and keys
+// k_off + .., the grids are sized by the longest sequence, and blocks past their sequence's last tile exit
+// at once. delta and the dQ conversion walk the (Hq, total_q) rows as one run (row_batches / row_len).
+// Score modifiers (softcap, ALiBi) live in the kMod instantiations of dkdv_kernel and dq_kernel only
+// (score_mod.cuh): P is computed from the modified score, and dS is multiplied by g = 1 - tanh^2.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,6 +32,8 @@
 
 #include "../mask.h"
 #include "bwd_common.cuh"
+#include "score_mod.cuh"
+#include "sequence.cuh"
 #include "tc_common.cuh"
 #include "tiles.h"
 
@@ -112,12 +120,13 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__
   constexpr int kRowsPerBlock = kThreads / 8;
   const int sub = threadIdx.x & 7;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 3);
-  const int64_t nrows = p.batch * p.hq * p.sq;
+  const int64_t len = p.row_len();
+  const int64_t nrows = p.row_batches() * p.hq * len;
   float acc = 0.f;
   int64_t i = 0, h = 0, b = 0;
   if (row < nrows) {
-    i = row % p.sq;
-    const int64_t bh = row / p.sq;
+    i = row % len;
+    const int64_t bh = row / len;
     h = bh % p.hq;
     b = bh / p.hq;
     const Elem* o = static_cast<const Elem*>(p.o) + p.o_st.at(b, h, i);
@@ -176,11 +185,11 @@ __device__ __forceinline__ void warp_abt(float (&acc)[NT][4], uint32_t uA, uint3
 // The (query head, query tile) items of one key tile, in order: heads h0 .. h0 + group - 1, each with the
 // tiles of its QueryTiles list; entries with tile = -1 (sparse, outside the band) are skipped.
 // On entry (gi, idx) is the first candidate; on success it names the item found and v holds it.
-template <int TQ, int TK>
-__device__ __forceinline__ bool next_query_item(const AttnParams& p, int64_t b, int64_t h0, int group, int64_t kt,
-                                                int& gi, int& idx, TileVisit& v) {
+template <int TQ, int TK, bool kVar>
+__device__ __forceinline__ bool next_query_item(const SeqView<kVar>& sv, int64_t h0, int group, int64_t kt, int& gi,
+                                                int& idx, TileVisit& v) {
   for (; gi < group; ++gi, idx = 0) {
-    const QueryTiles qts(p, b, h0 + gi, kt, TQ, TK);
+    const QueryTiles qts = sv.query_tiles(h0 + gi, kt, TQ, TK);
     const int n = static_cast<int>(qts.count());
     for (; idx < n; ++idx) {
       v = qts.get(idx);
@@ -191,8 +200,8 @@ __device__ __forceinline__ bool next_query_item(const AttnParams& p, int64_t b, 
 }
 
 // ------------------------------------------------------------------------------------------------
-// 2. dK, dV (and atomic dQ).
-template <typename Elem, int HD>
+// 2. dK, dV (and atomic dQ). kVar, kMod: packed batch, softcap / ALiBi (template flags: see tc_fwd_kernel).
+template <typename Elem, int HD, bool kVar, bool kMod>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant__ AttnParams p) {
   using C = Cfg<HD>;
   using namespace tc;
@@ -213,8 +222,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
   const int g = lane >> 2, t = lane & 3;
   const int kg = warp % C::WK, hg = warp / C::WK;
   const int64_t kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const SeqView<kVar> sv(p, b);
   const int64_t k0 = kt * TK;
-  const int kvalid = static_cast<int>(imin(TK, p.sk - k0));
+  if (kVar && k0 >= sv.sk()) return;  // past this sequence's key tiles: the whole block leaves
+  const int kvalid = static_cast<int>(imin(TK, sv.sk() - k0));
   const int d = static_cast<int>(p.d);
   // 32-bit: an int64 division is a call into a slow-path routine, and a call site costs registers.
   const int group = static_cast<int>(p.hq) / static_cast<int>(p.hk);
@@ -226,25 +237,26 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
   const uint32_t uK = smem_u32(sK), uV = smem_u32(sV), udS = smem_u32(sdS);
 
   // K and V join the first committed group below.
-  load_tile_async<Elem, HD, TK, kThreads>(uK, static_cast<const Elem*>(p.k) + p.k_st.at(b, hk, k0), p.k_st.s,
-                                          kvalid, d, tid);
-  load_tile_async<Elem, HD, TK, kThreads>(uV, static_cast<const Elem*>(p.v) + p.v_st.at(b, hk, k0), p.v_st.s,
-                                          kvalid, d, tid);
+  load_tile_async<Elem, HD, TK, kThreads>(uK, static_cast<const Elem*>(p.k) + p.k_st.at(b, hk, sv.k_off() + k0),
+                                          p.k_st.s, kvalid, d, tid);
+  load_tile_async<Elem, HD, TK, kThreads>(uV, static_cast<const Elem*>(p.v) + p.v_st.at(b, hk, sv.k_off() + k0),
+                                          p.v_st.s, kvalid, d, tid);
 
   auto issue = [&](int st, int64_t h, int64_t qtile) {
     const int tid = tid_opaque();  // keeps the per-thread copy addresses out of the loop's live registers
     const int64_t q0 = qtile * TQ;
-    const int qvalid = static_cast<int>(imin(TQ, p.sq - q0));
+    const int qvalid = static_cast<int>(imin(TQ, sv.sq() - q0));
+    const int64_t row0 = sv.q_off() + q0;  // packed row of the tile's first query
     load_tile_async<Elem, HD, TQ, kThreads>(smem_u32(sQ + st * C::kTileQ),
-                                            static_cast<const Elem*>(p.q) + p.q_st.at(b, h, q0), p.q_st.s,
+                                            static_cast<const Elem*>(p.q) + p.q_st.at(b, h, row0), p.q_st.s,
                                             qvalid, d, tid);
     load_tile_async<Elem, HD, TQ, kThreads>(smem_u32(sdO + st * C::kTileQ),
-                                            static_cast<const Elem*>(p.dout) + p.do_st.at(b, h, q0),
+                                            static_cast<const Elem*>(p.dout) + p.do_st.at(b, h, row0),
                                             p.do_st.s, qvalid, d, tid);
     if (tid < TQ) {
       // Rows >= Sq read 0 here; they occur only in tiles that need masking, where element_visible drops them.
       const bool ok = tid < qvalid;
-      const int64_t off = ok ? b * p.lse_b + h * p.lse_h + q0 + tid : 0;
+      const int64_t off = ok ? b * p.lse_b + h * p.lse_h + row0 + tid : 0;
       cp_async4(smem_u32(sLse + st * TQ + tid), static_cast<const float*>(p.lse) + off, ok);
       cp_async4(smem_u32(sDelta + st * TQ + tid), static_cast<const float*>(p.delta) + off, ok);
     }
@@ -258,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
 
   int gi = 0, idx = 0;  // query head in the group, entry of its QueryTiles list
   TileVisit cur{-1, false};
-  bool have = next_query_item<TQ, TK>(p, b, h0, group, kt, gi, idx, cur);
+  bool have = next_query_item<TQ, TK>(sv, h0, group, kt, gi, idx, cur);
   int st = 0;
   if (C::kStages == 2 && have) {
     issue(0, h0 + gi, cur.tile);
@@ -272,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
       // the iteration rather than kept: its state would stay live through the register peak below.
       int ngi = gi, nidx = idx + 1;
       TileVisit nxt{-1, false};
-      if (next_query_item<TQ, TK>(p, b, h0, group, kt, ngi, nidx, nxt)) {
+      if (next_query_item<TQ, TK>(sv, h0, group, kt, ngi, nidx, nxt)) {
         issue(st ^ 1, h0 + ngi, nxt.tile);
         cp_async_commit();
         cp_async_wait<1>();
@@ -295,12 +307,12 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
     // Accumulator (n, e) of S^T / dP^T: key 16 kg + g + 8 (e / 2), query 8 n + 2 t + e % 2.
     static_assert(TQ / 8 * 4 == 32, "one mask bit per accumulator element");
     uint32_t vis = 0xffffffffu;
-    if (tile_needs_mask(p, cur, b, q0, q0 + TQ, k0, k0 + TK)) {
+    if (sv.needs_mask(cur, q0, q0 + TQ, k0, k0 + TK)) {
       vis = 0;
 #pragma unroll 1
       for (int j = 0; j < 32; ++j) {
         const int n = j >> 2, e = j & 3;
-        if (element_visible(p, cur, b, h, q0 + 8 * n + 2 * t + (e & 1), k0 + 16 * kg + g + 8 * (e >> 1)))
+        if (sv.visible(cur, h, q0 + 8 * n + 2 * t + (e & 1), k0 + 16 * kg + g + 8 * (e >> 1)))
           vis |= 1u << j;
       }
     }
@@ -321,6 +333,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
     static_assert(TQ % (8 * kSB) == 0, "query blocks");
     const float* lse_s = sLse + st * TQ;
     const float* del_s = sDelta + st * TQ;
+    // kMod: this head's modifiers; ALiBi distance of element (nl, e) of block blk (n = kSB blk + nl):
+    // d0 + 8 n + (e % 2) - 8 (e / 2).
+    const tc::ModFrag mod(p, b, h, sv.info());
+    const float d0 = kMod ? mod.dist(q0 + 2 * t, k0 + 16 * kg + g) : 0.f;
     const LdsmCols<HD, (C::WH == 1 ? 1 : HDW / 16)> Lhd(ldsm_rows16_row(lane), ldsm_rows16_chunk(lane),
                                                        C::WH == 1 ? 0 : hg * HDW / 8);  // used when WH = 2
 #pragma unroll
@@ -355,10 +371,19 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
         const float dd[2] = {dl.x, dl.y};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float pv = fast_exp2(fmaf(s[nl][e], scale_log2, -m[e & 1]));
-          pv = (vis >> (4 * n + e)) & 1u ? pv : 0.f;
-          s[nl][e] = pv;
-          dp[nl][e] = pv * (dp[nl][e] - dd[e & 1]);
+          if constexpr (kMod) {
+            float gm;
+            const float x = mod.score(s[nl][e], d0 + static_cast<float>(8 * n + (e & 1) - 8 * (e >> 1)), gm);
+            float pv = fast_exp2(x - m[e & 1]);
+            pv = (vis >> (4 * n + e)) & 1u ? pv : 0.f;
+            s[nl][e] = pv;
+            dp[nl][e] = pv * (dp[nl][e] - dd[e & 1]) * gm;
+          } else {
+            float pv = fast_exp2(fmaf(s[nl][e], scale_log2, -m[e & 1]));
+            pv = (vis >> (4 * n + e)) & 1u ? pv : 0.f;
+            s[nl][e] = pv;
+            dp[nl][e] = pv * (dp[nl][e] - dd[e & 1]);
+          }
         }
       }
 #pragma unroll
@@ -434,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
           mma16816<Elem>(acc[2 * np + 1], a, bk[2], bk[3]);
         }
       }
-      float* dqa = p.dq_accum + b * p.dqa_b + h * p.dqa_h;
+      float* dqa = p.dq_accum + b * p.dqa_b + h * p.dqa_h + sv.q_off() * p.dqa_s;
 #pragma unroll
       for (int n = 0; n < C::DQ_N / 8; ++n) {
         const int col = nq * C::DQ_N + 8 * n + 2 * t;
@@ -442,7 +467,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int64_t row = q0 + 16 * mq + g + 8 * r;
-            if (row < p.sq) red_add_f32x2(dqa + row * p.dqa_s + col, acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+            if (row < sv.sq())
+              red_add_f32x2(dqa + row * p.dqa_s + col, acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
           }
         }
       }
@@ -450,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
     __syncthreads();  // this stage, sdS and (stage 1) the Q/dO tiles are free for the next iteration
 
     ++idx;
-    have = next_query_item<TQ, TK>(p, b, h0, group, kt, gi, idx, cur);
+    have = next_query_item<TQ, TK>(sv, h0, group, kt, gi, idx, cur);
     if (C::kStages == 2) st ^= 1;
   }
 
@@ -472,10 +498,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
     }
   }
   __syncthreads();
-  store_tile<Elem, HD, TK, kThreads>(sK, static_cast<Elem*>(p.dk) + p.dk_st.at(b, hk, k0), p.dk_st.s, kvalid, d,
-                                     tid);
-  store_tile<Elem, HD, TK, kThreads>(sV, static_cast<Elem*>(p.dv) + p.dv_st.at(b, hk, k0), p.dv_st.s, kvalid, d,
-                                     tid);
+  store_tile<Elem, HD, TK, kThreads>(sK, static_cast<Elem*>(p.dk) + p.dk_st.at(b, hk, sv.k_off() + k0), p.dk_st.s,
+                                     kvalid, d, tid);
+  store_tile<Elem, HD, TK, kThreads>(sV, static_cast<Elem*>(p.dv) + p.dv_st.at(b, hk, sv.k_off() + k0), p.dv_st.s,
+                                     kvalid, d, tid);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -486,8 +512,9 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(const __grid_const
   const int64_t id = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t row = id / kC;
   const int c = static_cast<int>(id - row * kC) * 8;
-  if (row >= p.batch * p.hq * p.sq || c >= p.d) return;
-  const int64_t i = row % p.sq, bh = row / p.sq, h = bh % p.hq, b = bh / p.hq;
+  const int64_t len = p.row_len();
+  if (row >= p.row_batches() * p.hq * len || c >= p.d) return;
+  const int64_t i = row % len, bh = row / len, h = bh % p.hq, b = bh / p.hq;
   const float* src = p.dq_accum + b * p.dqa_b + h * p.dqa_h + i * p.dqa_s + c;
   const float4 x = *reinterpret_cast<const float4*>(src);
   const float4 y = *reinterpret_cast<const float4*>(src + 4);
@@ -503,8 +530,8 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(const __grid_const
 // 3b. Deterministic dQ: one block per (query tile, query head, batch). Warp w owns query rows
 // 16 (w % QWM) .. + 15 and keys (w / QWM) * TKS .. + TKS - 1 of each key tile; S, dP and dS stay in
 // registers (the dS accumulator is directly the A fragment of dQ += dS K). The QWS = 2 key splits are
-// summed once at the end through shared memory, always split 1 into split 0.
-template <typename Elem, int HD>
+// summed once at the end through shared memory, always split 1 into split 0. kVar, kMod: as dkdv_kernel.
+template <typename Elem, int HD, bool kVar, bool kMod>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__ AttnParams p) {
   using C = Cfg<HD>;
   using namespace tc;
@@ -522,15 +549,18 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
   const int wm = warp % C::QWM, ks = warp / C::QWM;
   const int64_t qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = static_cast<int>(h) / (static_cast<int>(p.hq) / static_cast<int>(p.hk));
+  const SeqView<kVar> sv(p, b);
   const int64_t q0 = qt * TQ;
-  const int qvalid = static_cast<int>(imin(TQ, p.sq - q0));
+  if (kVar && q0 >= sv.sq()) return;  // past this sequence's query tiles: the whole block leaves
+  const int qvalid = static_cast<int>(imin(TQ, sv.sq() - q0));
   const int d = static_cast<int>(p.d);
   const float scale = static_cast<float>(p.scale);
   const float scale_log2 = static_cast<float>(p.scale * kLog2e);
+  const int64_t row0 = sv.q_off() + q0;  // packed row of the tile's first query
 
-  load_tile_async<Elem, HD, TQ, kThreads>(smem_u32(sQ), static_cast<const Elem*>(p.q) + p.q_st.at(b, h, q0),
+  load_tile_async<Elem, HD, TQ, kThreads>(smem_u32(sQ), static_cast<const Elem*>(p.q) + p.q_st.at(b, h, row0),
                                           p.q_st.s, qvalid, d, tid);
-  load_tile_async<Elem, HD, TQ, kThreads>(smem_u32(sdO), static_cast<const Elem*>(p.dout) + p.do_st.at(b, h, q0),
+  load_tile_async<Elem, HD, TQ, kThreads>(smem_u32(sdO), static_cast<const Elem*>(p.dout) + p.do_st.at(b, h, row0),
                                           p.do_st.s, qvalid, d, tid);
 
   // This thread's two query rows: q0 + 16 wm + g and + 8.
@@ -540,8 +570,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
     const int64_t row = q0 + 16 * wm + g + 8 * r;
     m[r] = pos_inf();
     dd[r] = 0.f;
-    if (row < p.sq) {
-      const int64_t off = b * p.lse_b + h * p.lse_h + row;
+    if (row < sv.sq()) {
+      const int64_t off = b * p.lse_b + h * p.lse_h + sv.q_off() + row;
       m[r] = lse_log2(static_cast<const float*>(p.lse)[off]);
       dd[r] = static_cast<const float*>(p.delta)[off];
     }
@@ -550,16 +580,17 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
   auto issue = [&](int st, int64_t ktile) {
     const int tid = tid_opaque();  // keeps the per-thread copy addresses out of the loop's live registers
     const int64_t k0 = ktile * TK;
-    const int kvalid = static_cast<int>(imin(TK, p.sk - k0));
+    const int kvalid = static_cast<int>(imin(TK, sv.sk() - k0));
     load_tile_async<Elem, HD, TK, kThreads>(smem_u32(sK + st * C::kTileK),
-                                            static_cast<const Elem*>(p.k) + p.k_st.at(b, hk, k0), p.k_st.s, kvalid,
-                                            d, tid);
+                                            static_cast<const Elem*>(p.k) + p.k_st.at(b, hk, sv.k_off() + k0), p.k_st.s,
+                                            kvalid, d, tid);
     load_tile_async<Elem, HD, TK, kThreads>(smem_u32(sV + st * C::kTileK),
-                                            static_cast<const Elem*>(p.v) + p.v_st.at(b, hk, k0), p.v_st.s, kvalid,
-                                            d, tid);
+                                            static_cast<const Elem*>(p.v) + p.v_st.at(b, hk, sv.k_off() + k0), p.v_st.s,
+                                            kvalid, d, tid);
   };
 
-  const KeyTiles kts(p, b, h, qt, TQ, TK);
+  const KeyTiles kts = sv.key_tiles(h, qt, TQ, TK);
+  const tc::ModFrag mod(p, b, h, sv.info());  // kMod only
   const int64_t nk = kts.count();
   auto next_key = [&](int64_t i, TileVisit& v) -> int64_t {
     for (; i < nk; ++i) {
@@ -614,12 +645,12 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
     constexpr int kBits = TKS / 8 * 4;
     static_assert(kBits <= 32, "one mask bit per accumulator element");
     uint32_t vis = 0xffffffffu;
-    if (tile_needs_mask(p, cur, b, q0, q0 + TQ, k0, k0 + TK)) {
+    if (sv.needs_mask(cur, q0, q0 + TQ, k0, k0 + TK)) {
       vis = 0;
 #pragma unroll 1
       for (int j = 0; j < kBits; ++j) {
         const int n = j >> 2, e = j & 3;
-        if (element_visible(p, cur, b, h, q0 + 16 * wm + g + 8 * (e >> 1), k0 + ks * TKS + 8 * n + 2 * t + (e & 1)))
+        if (sv.visible(cur, h, q0 + 16 * wm + g + 8 * (e >> 1), k0 + ks * TKS + 8 * n + 2 * t + (e & 1)))
           vis |= 1u << j;
       }
     }
@@ -627,15 +658,30 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
     // S = Q K^T: 16 rows x TKS keys.
     float s[TKS / 8][4];
     warp_abt<Elem>(s, uQw, uKs, L16, L82);
+    if constexpr (kMod) {
+      // Element (n, e): query q0 + 16 wm + g + 8 (e / 2), key k0 + ks TKS + 8 n + 2 t + (e % 2). P g goes into
+      // s (P is only needed for dS = P g (dP - delta) here).
+      const float d0 = mod.dist(q0 + 16 * wm + g, k0 + ks * TKS + 2 * t);
 #pragma unroll
-    for (int n = 0; n < TKS / 8; ++n)
+      for (int n = 0; n < TKS / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pv = fast_exp2(fmaf(s[n][e], scale_log2, -m[e >> 1]));
-        s[n][e] = (vis >> (4 * n + e)) & 1u ? pv : 0.f;
-      }
+        for (int e = 0; e < 4; ++e) {
+          float gm;
+          const float x = mod.score(s[n][e], d0 + static_cast<float>(8 * (e >> 1) - 8 * n - (e & 1)), gm);
+          const float pv = fast_exp2(x - m[e >> 1]) * gm;
+          s[n][e] = (vis >> (4 * n + e)) & 1u ? pv : 0.f;
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < TKS / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pv = fast_exp2(fmaf(s[n][e], scale_log2, -m[e >> 1]));
+          s[n][e] = (vis >> (4 * n + e)) & 1u ? pv : 0.f;
+        }
+    }
 
-    // dP = dO V^T, then dS = P * (dP - delta).
+    // dP = dO V^T, then dS = P * (dP - delta) (kMod: P g, see above).
     float dp[TKS / 8][4];
     warp_abt<Elem>(dp, udOw, uVs, L16, L82);
 #pragma unroll
@@ -682,7 +728,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
   }
   __syncthreads();
   if (ks == 0) {
-    Elem* dq = static_cast<Elem*>(p.dq) + p.dq_st.at(b, h, q0);
+    Elem* dq = static_cast<Elem*>(p.dq) + p.dq_st.at(b, h, row0);
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
       const int col = 8 * n + 2 * t;
@@ -715,43 +761,54 @@ inline void set_smem(Kernel kernel, int bytes, const char* what) {
                              std::to_string(bytes) + " bytes of shared memory: " + cudaGetErrorString(e));
 }
 
+// The two kernels that see scores, for one value of kMod.
+template <typename Elem, int HD, bool kVar, bool kMod>
+void run_score_kernels(const AttnParams& p, cudaStream_t stream) {
+  using C = Cfg<HD>;
+  // With Sq = 0 this still runs and writes dK = dV = 0.
+  if (p.batch * p.hk * p.sk > 0) {
+    auto kernel = dkdv_kernel<Elem, HD, kVar, kMod>;
+    set_smem(kernel, C::kSmem, "dK/dV kernel");
+    const dim3 grid(static_cast<unsigned>(cdiv(p.sk, C::TK)), static_cast<unsigned>(p.hk),
+                    static_cast<unsigned>(p.batch));
+    kernel<<<grid, kThreads, C::kSmem, stream>>>(p);
+    check_launch("dK/dV kernel");
+  }
+  if (p.deterministic && p.batch * p.hq * p.sq > 0) {
+    auto kernel = dq_kernel<Elem, HD, kVar, kMod>;
+    set_smem(kernel, C::kQSmem, "dQ kernel");
+    const dim3 grid(static_cast<unsigned>(cdiv(p.sq, C::TQ)), static_cast<unsigned>(p.hq),
+                    static_cast<unsigned>(p.batch));
+    kernel<<<grid, kThreads, C::kQSmem, stream>>>(p);
+    check_launch("dQ kernel");
+  }
+}
+
 }  // namespace bwd
 
 template <typename Elem, int HD>
 void tc_bwd_run(const AttnParams& p, cudaStream_t stream) {
-  using C = bwd::Cfg<HD>;
   if (p.d <= 0 || p.d > HD || p.d % 8 != 0)
     throw std::invalid_argument("fused_attn backward: head dim d=" + std::to_string(p.d) +
                                 " must be a positive multiple of 8 and at most " + std::to_string(HD));
-  const int64_t rows = p.batch * p.hq * p.sq;
+  // Rows of lse / delta / dq: (B, Hq, Sq), or (Hq, total_q) for a packed batch.
+  const int64_t rows = p.row_batches() * p.hq * p.row_len();
   if (rows > 0) {
     bwd::delta_kernel<Elem, HD><<<static_cast<unsigned>(cdiv(rows, bwd::kThreads / 8)), bwd::kThreads, 0, stream>>>(p);
     bwd::check_launch("delta kernel");
   }
-
-  // With Sq = 0 this still runs and writes dK = dV = 0.
-  if (p.batch * p.hk * p.sk > 0) {
-    auto kernel = bwd::dkdv_kernel<Elem, HD>;
-    bwd::set_smem(kernel, C::kSmem, "dK/dV kernel");
-    const dim3 grid(static_cast<unsigned>(cdiv(p.sk, C::TK)), static_cast<unsigned>(p.hk),
-                    static_cast<unsigned>(p.batch));
-    kernel<<<grid, bwd::kThreads, C::kSmem, stream>>>(p);
-    bwd::check_launch("dK/dV kernel");
-  }
-  if (rows == 0) return;
-
-  if (!p.deterministic) {
+  const bool mod = p.softcap > 0 || p.alibi;
+  if (p.varlen())
+    mod ? bwd::run_score_kernels<Elem, HD, true, true>(p, stream)
+        : bwd::run_score_kernels<Elem, HD, true, false>(p, stream);
+  else
+    mod ? bwd::run_score_kernels<Elem, HD, false, true>(p, stream)
+        : bwd::run_score_kernels<Elem, HD, false, false>(p, stream);
+  if (rows > 0 && !p.deterministic) {
     const int64_t chunks = rows * (HD / 8);
     bwd::dq_convert_kernel<Elem, HD>
         <<<static_cast<unsigned>(cdiv(chunks, bwd::kThreads)), bwd::kThreads, 0, stream>>>(p);
     bwd::check_launch("dQ convert kernel");
-  } else {
-    auto kernel = bwd::dq_kernel<Elem, HD>;
-    bwd::set_smem(kernel, C::kQSmem, "dQ kernel");
-    const dim3 grid(static_cast<unsigned>(cdiv(p.sq, C::TQ)), static_cast<unsigned>(p.hq),
-                    static_cast<unsigned>(p.batch));
-    kernel<<<grid, bwd::kThreads, C::kQSmem, stream>>>(p);
-    bwd::check_launch("dQ kernel");
   }
 }
 

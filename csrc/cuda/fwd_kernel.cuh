@@ -7,12 +7,17 @@
 //
 // Per key tile and warp:
 //   S (16 x kTk, fp32 accumulators)  = Q_w (16 x HD, A fragments) * K^T   (K via ldmatrix, rows8x2)
-//   x = S * scale * log2(e), masked to -inf where needed (mask.h's rule, only on tiles that need it)
+//   x = S * scale * log2(e) (kMod: softcap and ALiBi through score_mod.cuh instead), masked to -inf where
+//   needed (mask.h's rule, only on tiles that need it)
 //   m_new = max(m, rowmax x); alpha = 2^(m - m_new); P = 2^(x - m_new); l = alpha l + rowsum P
 //   O (16 x HD, fp32) = alpha O + P (A fragments straight from the S accumulators) * V (ldmatrix.trans)
 // and at the end O / l is staged through shared memory and written with 16-byte stores, and
 // lse = (m + log2 l) * ln 2. A row whose running max is still -inf uses 0 in its place, so a row that sees
 // no key ends with O = 0, l = 0, lse = -inf and no NaN on the way.
+//
+// Packed variable-length batches: block (qt, h, b) works on sequence b's query rows q_off + qt * kTq ..
+// against its keys k_off .. (AttnParams::seq); the grid is sized by the longest sequence and blocks past
+// their sequence's last query tile exit at once. lse of a packed batch is (Hq, total_q) (lse_b = 0).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,6 +28,8 @@
 
 #include "../mask.h"
 #include "../params.h"
+#include "score_mod.cuh"
+#include "sequence.cuh"
 #include "tc_common.cuh"
 #include "tiles.h"
 
@@ -56,7 +63,10 @@ struct FwdCfg {
   static constexpr int kKP = kTk / 16;  // k-steps of P V
 };
 
-template <typename Elem, int HD>
+// kVar: a packed variable-length batch (sequence.cuh). kMod: the score modifiers (softcap, ALiBi) are on.
+// Template flags rather than run-time branches so that a plain call runs code with nothing of theirs in
+// the register allocation.
+template <typename Elem, int HD, bool kVar, bool kMod>
 __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
     tc_fwd_kernel(const __grid_constant__ AttnParams p) {
   using C = FwdCfg<HD>;
@@ -74,14 +84,16 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
   const int64_t h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int64_t hk = h / p.group();
+  const SeqView<kVar> sv(p, b);
   const int64_t q0 = qt * C::kTq;
-  const int q_rows = static_cast<int>(imin(C::kTq, p.sq - q0));  // >= 1
+  if (kVar && q0 >= sv.sq()) return;  // past this sequence's query tiles: the whole block leaves
+  const int q_rows = static_cast<int>(imin(C::kTq, sv.sq() - q0));  // >= 1
   const int d = static_cast<int>(p.d);
   const int wrow = warp * 16;  // this warp's first row in the tile
 
-  const Elem* qg = static_cast<const Elem*>(p.q) + p.q_st.at(b, h, q0);
-  const Elem* kg = static_cast<const Elem*>(p.k) + p.k_st.at(b, hk, 0);
-  const Elem* vg = static_cast<const Elem*>(p.v) + p.v_st.at(b, hk, 0);
+  const Elem* qg = static_cast<const Elem*>(p.q) + p.q_st.at(b, h, sv.q_off() + q0);
+  const Elem* kg = static_cast<const Elem*>(p.k) + p.k_st.at(b, hk, sv.k_off());
+  const Elem* vg = static_cast<const Elem*>(p.v) + p.v_st.at(b, hk, sv.k_off());
 
   const uint32_t sQ = tc::smem_u32(smem);
   const uint32_t sKV = sQ + C::kQBytes;  // stage s: K at sKV + s * 2 * kKVBytes, V kKVBytes after it
@@ -90,7 +102,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
   const tc::LdsmLane<HD> la(tc::ldsm_rows16_row(lane), tc::ldsm_rows16_chunk(lane));
   const tc::LdsmLane<HD> lb(tc::ldsm_rows8x2_row(lane), tc::ldsm_rows8x2_chunk(lane));
 
-  const KeyTiles kts(p, b, h, qt, C::kTq, C::kTk);
+  const KeyTiles kts = sv.key_tiles(h, qt, C::kTq, C::kTk);
   // Loop state in 32 bits (tile counts and indices are < 2^31; registers are tight at HD <= 64).
   const int n = static_cast<int>(kts.count());
   // First tile to visit (sparse lists may hold tiles outside the band: tile = -1, skipped).
@@ -115,7 +127,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
   if (i < n) {
     auto load_kv = [&](int tile, int stage) {
       const int64_t k0 = static_cast<int64_t>(tile) * C::kTk;
-      const int rows = static_cast<int>(imin(C::kTk, p.sk - k0));
+      const int rows = static_cast<int>(imin(C::kTk, sv.sk() - k0));
       const uint32_t sk = sKV + stage * 2 * C::kKVBytes;
       tc::load_tile_async<Elem, HD, C::kTk, C::kThreads>(sk, kg + k0 * p.k_st.s, p.k_st.s, rows, d, tid);
       tc::load_tile_async<Elem, HD, C::kTk, C::kThreads>(sk + C::kKVBytes, vg + k0 * p.v_st.s, p.v_st.s, rows,
@@ -135,6 +147,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
     }
 
     const float sl2 = static_cast<float>(p.scale * 1.4426950408889634);  // scale * log2(e)
+    const tc::ModFrag mod(p, b, h, sv.info());  // kMod only (unused, and dropped, otherwise)
     int stage = 0;
     for (;;) {
       // Next tile to visit, prefetched into the other stage while this one is computed on. That stage
@@ -162,17 +175,17 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
       static_assert(C::kNS * 4 <= 64, "visibility mask is 64 bits");
       const int64_t k0 = static_cast<int64_t>(cur_tile) * C::kTk;
       const TileVisit cur{cur_tile, cur_partial};
-      const bool need_mask = tile_needs_mask(p, cur, b, q0 + wrow, q0 + wrow + 16, k0, k0 + C::kTk);
+      const bool need_mask = sv.needs_mask(cur, q0 + wrow, q0 + wrow + 16, k0, k0 + C::kTk);
       uint64_t vis = 0;
       // Rows all past Sq (the ragged last query tile): element_visible is false throughout; skip the loop.
-      if (need_mask && q0 + wrow < p.sq) {
+      if (need_mask && q0 + wrow < sv.sq()) {
         const int64_t row0 = q0 + wrow + g;
         const int64_t col0 = k0 + 2 * t;
 #pragma unroll 1
         for (int idx = 0; idx < C::kNS * 4; ++idx) {
           const int64_t row = row0 + ((idx >> 1) & 1) * 8;
           const int64_t col = col0 + (idx >> 2) * 8 + (idx & 1);
-          if (element_visible(p, cur, b, h, row, col)) vis |= uint64_t(1) << idx;
+          if (sv.visible(cur, h, row, col)) vis |= uint64_t(1) << idx;
         }
       }
 
@@ -209,13 +222,23 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
         }
       }
 
-      // To the log2 domain, then mask.
+      // To the log2 domain (with the modifiers when on), then mask.
+      if constexpr (kMod) {
+        // Element (jn, e): query q0 + wrow + g + 8 (e / 2), key k0 + 8 jn + 2 t + (e % 2).
+        const float d0 = mod.dist(q0 + wrow + g, k0 + 2 * t);
 #pragma unroll
-      for (int jn = 0; jn < C::kNS; ++jn) {
-        s[jn][0] *= sl2;
-        s[jn][1] *= sl2;
-        s[jn][2] *= sl2;
-        s[jn][3] *= sl2;
+        for (int jn = 0; jn < C::kNS; ++jn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[jn][e] = mod.score(s[jn][e], d0 + static_cast<float>(8 * (e >> 1) - 8 * jn - (e & 1)));
+      } else {
+#pragma unroll
+        for (int jn = 0; jn < C::kNS; ++jn) {
+          s[jn][0] *= sl2;
+          s[jn][1] *= sl2;
+          s[jn][2] *= sl2;
+          s[jn][3] *= sl2;
+        }
       }
       if (need_mask) {
 #pragma unroll
@@ -300,19 +323,34 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
   }
   __syncwarp();
   // Rows relative to the warp's first row: the swizzle depends on row % 8 only, and wrow % 16 == 0.
-  Elem* og = static_cast<Elem*>(p.o) + p.o_st.at(b, h, q0 + wrow);
+  Elem* og = static_cast<Elem*>(p.o) + p.o_st.at(b, h, sv.q_off() + q0 + wrow);
   tc::store_tile<Elem, HD, 16, 32>(smem + wrow * Sw::kRowBytes, og, p.o_st.s, q_rows - wrow, d, lane);
 
   if (t == 0) {
-    float* lse = static_cast<float*>(p.lse) + b * p.lse_b + h * p.lse_h;
+    float* lse = static_cast<float*>(p.lse) + b * p.lse_b + h * p.lse_h + sv.q_off();
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = q0 + wrow + g + 8 * r;
-      if (row < p.sq) lse[row] = l[r] > 0.f ? m[r] * 0.6931471805599453f + logf(l[r]) : -INFINITY;
+      if (row < sv.sq()) lse[row] = l[r] > 0.f ? m[r] * 0.6931471805599453f + logf(l[r]) : -INFINITY;
     }
   }
 }
 
+
+template <typename Elem, int HD, bool kVar, bool kMod>
+void launch(const AttnParams& p, cudaStream_t stream, const std::string& where) {
+  using C = FwdCfg<HD>;
+  auto kernel = tc_fwd_kernel<Elem, HD, kVar, kMod>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  if (err != cudaSuccess)
+    throw std::runtime_error(where + "cannot get " + std::to_string(C::kSmem) +
+                             " bytes of shared memory per block: " + cudaGetErrorString(err));
+  const dim3 grid(static_cast<unsigned>(cdiv(p.sq, C::kTq)), static_cast<unsigned>(p.hq),
+                  static_cast<unsigned>(p.batch));
+  kernel<<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(where + "launch failed: " + cudaGetErrorString(err));
+}
 }  // namespace fwd_detail
 
 template <typename Elem, int HD>
@@ -332,16 +370,13 @@ void tc_fwd_run(const AttnParams& p, cudaStream_t stream) {
     throw std::invalid_argument(where + "grid too large: " + std::to_string(nq) + " query tiles x " +
                                 std::to_string(p.hq) + " heads x " + std::to_string(p.batch) +
                                 " batch (at most 65535 heads and 65535 batch)");
-
-  auto kernel = fwd_detail::tc_fwd_kernel<Elem, HD>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-  if (err != cudaSuccess)
-    throw std::runtime_error(where + "cannot get " + std::to_string(C::kSmem) +
-                             " bytes of shared memory per block: " + cudaGetErrorString(err));
-  const dim3 grid(static_cast<unsigned>(nq), static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
-  kernel<<<grid, C::kThreads, C::kSmem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(where + "launch failed: " + cudaGetErrorString(err));
+  const bool mod = p.softcap > 0 || p.alibi;
+  if (p.varlen())
+    mod ? fwd_detail::launch<Elem, HD, true, true>(p, stream, where)
+        : fwd_detail::launch<Elem, HD, true, false>(p, stream, where);
+  else
+    mod ? fwd_detail::launch<Elem, HD, false, true>(p, stream, where)
+        : fwd_detail::launch<Elem, HD, false, false>(p, stream, where);
 }
 
 }  // namespace fused_attn

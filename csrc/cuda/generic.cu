@@ -18,7 +18,11 @@
 // - Padded leading dimension 33 (kLd): the reads of the micro-tile loops (16 distinct rows at one
 //   column) hit 16 distinct banks (bank pairs for double), the owner loops read 8 consecutive columns.
 // The visibility rule comes only from mask.h (KeyTiles / QueryTiles for the trip count, tile_needs_mask
-// and element_visible inside a tile).
+// and element_visible inside a tile), the score modifiers from its ScoreMod (softcap, ALiBi; natural units
+// here, exact tanh), and packed variable-length batches from AttnParams::seq: a block works on sequence b's
+// rows q_off + .. and keys k_off + .., blocks past their sequence's last tile exit at once, and delta walks
+// the (Hq, total_q) rows as one run. Unlike the tensor-core kernels this is one instantiation for every
+// case: the features cost a few uniform branches, and no kernel here spills with them (ptxas -v).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -152,6 +156,42 @@ __device__ __forceinline__ const AttnParams& opaque(const AttnParams& p) {
   return *q;
 }
 
+// Sequence b (AttnParams::seq), read again through opaque() at each use instead of held across the loops.
+__device__ __forceinline__ SeqInfo seq_of(const AttnParams& p, int64_t b) { return opaque(p).seq(b); }
+
+// mask.h's ScoreMod in T, natural units: x = scale * q.k of query i, key j -> modified score; g = d(capped)/dx.
+template <typename T>
+__device__ __forceinline__ T ftanh(T x);
+template <>
+__device__ __forceinline__ float ftanh(float x) { return tanhf(x); }
+template <>
+__device__ __forceinline__ double ftanh(double x) { return tanh(x); }
+
+template <typename T>
+struct Mod {
+  T cap, inv_cap, slope;
+  int64_t offset;
+  bool on;
+  __device__ __forceinline__ Mod(const AttnParams& p, int64_t b, int64_t h) {
+    const ScoreMod m(p, b, h, seq_of(p, b));
+    cap = static_cast<T>(m.cap);
+    inv_cap = static_cast<T>(m.inv_cap);
+    slope = static_cast<T>(m.slope);
+    offset = m.offset;
+    on = m.active();
+  }
+  __device__ __forceinline__ T apply(T x, int64_t i, int64_t j, T& g) const {
+    g = T(1);
+    if (cap > T(0)) {
+      const T t = ftanh(x * inv_cap);
+      x = cap * t;
+      g = T(1) - t * t;
+    }
+    const int64_t d = i + offset - j;
+    return x - slope * static_cast<T>(d < 0 ? -d : d);
+  }
+};
+
 // Block index -> (tile, head, batch). A 1-D grid (tile fastest) keeps consecutive blocks on the same
 // head, so K/V (forward, dQ) or Q/dO (dK/dV) are shared in L2, and has no 65535 limit on heads/batch.
 struct BlockCoord {
@@ -183,9 +223,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const int64_t q0 = qt * kTile;
   const T scale = static_cast<T>(p.scale);
 
-  const T* qbase = static_cast<const T*>(p.q) + p.q_st.at(b, h, 0);
-  const T* kbase = static_cast<const T*>(p.k) + p.k_st.at(b, hkv, 0);
-  const T* vbase = static_cast<const T*>(p.v) + p.v_st.at(b, hkv, 0);
+  const SeqInfo si = p.seq(b);
+  if (q0 >= si.sq) return;  // past this sequence's query tiles (packed batch): the whole block leaves
+  const T* qbase = static_cast<const T*>(p.q) + p.q_st.at(b, h, si.q_off);
+  const T* kbase = static_cast<const T*>(p.k) + p.k_st.at(b, hkv, si.k_off);
+  const T* vbase = static_cast<const T*>(p.v) + p.v_st.at(b, hkv, si.k_off);
+  const Mod<T> mod(p, b, h);
 
   // Row state of rows ty and ty + 16, replicated in the 16 lanes that hold the row.
   T m[2] = {neg_inf<T>(), neg_inf<T>()};
@@ -202,8 +245,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 
     T s[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
     for (int ch = 0; ch < nch; ++ch) {
-      stage(qs, qbase, p.q_st.s, q0, p.sq, ch * kChunk, d);
-      stage(ks, kbase, p.k_st.s, k0, p.sk, ch * kChunk, d);
+      const SeqInfo sc = seq_of(p, b);
+      stage(qs, qbase, p.q_st.s, q0, sc.sq, ch * kChunk, d);
+      stage(ks, kbase, p.k_st.s, k0, sc.sk, ch * kChunk, d);
       __syncthreads();
       micro_tile(qs, ks, ty, tx, s);
       __syncthreads();  // ks is refilled below (V) or by the next chunk
@@ -218,6 +262,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         x[c] = s[r][c] * scale;
+        if (mod.on) {
+          T g;
+          x[c] = mod.apply(x[c], q0 + il, k0 + tx + 16 * c, g);
+        }
         if (masked && !element_visible(pm, v, b, h, q0 + il, k0 + tx + 16 * c)) x[c] = neg_inf<T>();
       }
       const T mnew = tmax(m[r], row_max16(tmax(x[0], x[1])));
@@ -235,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #pragma unroll
     for (int ch = 0; ch < kMaxCh; ++ch) {
       if (ch >= nch) break;
-      stage(ks, vbase, p.v_st.s, k0, p.sk, ch * kChunk, d);
+      stage(ks, vbase, p.v_st.s, k0, seq_of(p, b).sk, ch * kChunk, d);
       __syncthreads();  // also publishes ps and row_s
       const T a = row_s[orow];
 #pragma unroll
@@ -247,20 +295,21 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 
   // Epilogue: lse = m + log(l) (natural log), out = acc / l; a row that saw no key has l = 0:
   // lse = -inf and out = 0.
-  T* lse = static_cast<T*>(p.lse) + b * p.lse_b + h * p.lse_h;
+  const SeqInfo se = seq_of(p, b);
+  T* lse = static_cast<T*>(p.lse) + b * p.lse_b + h * p.lse_h + se.q_off;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int il = ty + 16 * r;
     if (tx == 0) {
       const bool any = l[r] > T(0);
       row_s[il] = any ? T(1) / l[r] : T(0);
-      if (q0 + il < p.sq) lse[q0 + il] = any ? m[r] + flog(l[r]) : neg_inf<T>();
+      if (q0 + il < se.sq) lse[q0 + il] = any ? m[r] + flog(l[r]) : neg_inf<T>();
     }
   }
   __syncthreads();
   const int64_t row = q0 + orow;
-  if (row < p.sq) {
-    T* out = static_cast<T*>(p.o) + p.o_st.at(b, h, row);
+  if (row < se.sq) {
+    T* out = static_cast<T*>(p.o) + p.o_st.at(b, h, se.q_off + row);
     store_row<T, kMaxCh>(out, acc, row_s[orow], osub, nch, d);
   }
 }
@@ -273,8 +322,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__ AttnParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (row >= p.batch * p.hq * p.sq) return;  // warp-uniform
-  const int64_t i = row % p.sq, bh = row / p.sq;
+  const int64_t len = p.row_len();  // rows of lse: (B, Hq, Sq), or (Hq, total_q) for a packed batch
+  if (row >= p.row_batches() * p.hq * len) return;  // warp-uniform
+  const int64_t i = row % len, bh = row / len;
   const int64_t h = bh % p.hq, b = bh / p.hq;
   const T* o = static_cast<const T*>(p.o) + p.o_st.at(b, h, i);
   const T* dout = static_cast<const T*>(p.dout) + p.do_st.at(b, h, i);
@@ -295,13 +345,14 @@ template <typename T>
 __device__ __forceinline__ void stage_row_stats(const AttnParams& p, int64_t b, int64_t h, int64_t q0, T* lse_s,
                                                 T* dl_s) {
   const int tid = threadIdx.x;
-  const int64_t off = b * p.lse_b + h * p.lse_h;
+  const SeqInfo si = seq_of(p, b);
+  const int64_t off = b * p.lse_b + h * p.lse_h + si.q_off;
   if (tid < kTile) {
     const int64_t i = q0 + tid;
-    lse_s[tid] = i < p.sq ? static_cast<const T*>(p.lse)[off + i] : neg_inf<T>();
+    lse_s[tid] = i < si.sq ? static_cast<const T*>(p.lse)[off + i] : neg_inf<T>();
   } else if (tid < 2 * kTile) {
     const int64_t i = q0 + tid - kTile;
-    dl_s[tid - kTile] = i < p.sq ? static_cast<const T*>(p.delta)[off + i] : T(0);
+    dl_s[tid - kTile] = i < si.sq ? static_cast<const T*>(p.delta)[off + i] : T(0);
   }
 }
 
@@ -312,22 +363,23 @@ __device__ __forceinline__ void stage_row_stats(const AttnParams& p, int64_t b, 
 template <typename T>
 __device__ __forceinline__ void tile_p_ds(const AttnParams& p, const TileVisit& v, int64_t b, int64_t h,
                                           int64_t hkv, int64_t q0, int64_t k0, int d, int nch, T* qs, T* ks,
-                                          T* os, T* vs, const T* lse_s, const T* dl_s, T (&pr)[2][2],
-                                          T (&ds)[2][2]) {
+                                          T* os, T* vs, const T* lse_s, const T* dl_s, const Mod<T>& mod,
+                                          T (&pr)[2][2], T (&ds)[2][2]) {
   const int tid = threadIdx.x;
   const int ty = tid >> 4, tx = tid & 15;
-  const T* qbase = static_cast<const T*>(p.q) + p.q_st.at(b, h, 0);
-  const T* dobase = static_cast<const T*>(p.dout) + p.do_st.at(b, h, 0);
-  const T* kbase = static_cast<const T*>(p.k) + p.k_st.at(b, hkv, 0);
-  const T* vbase = static_cast<const T*>(p.v) + p.v_st.at(b, hkv, 0);
+  const SeqInfo si = seq_of(p, b);
+  const T* qbase = static_cast<const T*>(p.q) + p.q_st.at(b, h, si.q_off);
+  const T* dobase = static_cast<const T*>(p.dout) + p.do_st.at(b, h, si.q_off);
+  const T* kbase = static_cast<const T*>(p.k) + p.k_st.at(b, hkv, si.k_off);
+  const T* vbase = static_cast<const T*>(p.v) + p.v_st.at(b, hkv, si.k_off);
 
   T s[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
   T dp[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
   for (int ch = 0; ch < nch; ++ch) {
-    stage(qs, qbase, p.q_st.s, q0, p.sq, ch * kChunk, d);
-    stage(ks, kbase, p.k_st.s, k0, p.sk, ch * kChunk, d);
-    stage(os, dobase, p.do_st.s, q0, p.sq, ch * kChunk, d);
-    stage(vs, vbase, p.v_st.s, k0, p.sk, ch * kChunk, d);
+    stage(qs, qbase, p.q_st.s, q0, si.sq, ch * kChunk, d);
+    stage(ks, kbase, p.k_st.s, k0, si.sk, ch * kChunk, d);
+    stage(os, dobase, p.do_st.s, q0, si.sq, ch * kChunk, d);
+    stage(vs, vbase, p.v_st.s, k0, si.sk, ch * kChunk, d);
     __syncthreads();
     micro_tile(qs, ks, ty, tx, s);
     micro_tile(os, vs, ty, tx, dp);
@@ -346,9 +398,11 @@ __device__ __forceinline__ void tile_p_ds(const AttnParams& p, const TileVisit& 
     for (int c = 0; c < 2; ++c) {
       // lse = -inf only for a row that sees no key; guard anyway: exp(s - (-inf)) would be inf.
       const bool vis = (!masked || element_visible(pm, v, b, h, q0 + il, k0 + tx + 16 * c)) && lse != neg_inf<T>();
-      const T pv = vis ? fexp(s[r][c] * scale - lse) : T(0);
+      T x = s[r][c] * scale, g = T(1);
+      if (mod.on) x = mod.apply(x, q0 + il, k0 + tx + 16 * c, g);
+      const T pv = vis ? fexp(x - lse) : T(0);
       pr[r][c] = pv;
-      ds[r][c] = scale * pv * (dp[r][c] - dl);
+      ds[r][c] = scale * pv * (dp[r][c] - dl) * g;
     }
   }
 }
@@ -380,6 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
   const int tid = threadIdx.x;
   const int orow = tid >> 3, osub = tid & 7;
   const int64_t k0 = kt * kTile;
+  if (k0 >= p.seq(b).sk) return;  // past this sequence's key tiles (packed batch): the whole block leaves
 
   T dk[kMaxCh * 4], dv[kMaxCh * 4];
 #pragma unroll
@@ -387,8 +442,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
 
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hkv * group + g;
-    const T* qbase = static_cast<const T*>(p.q) + p.q_st.at(b, h, 0);
-    const T* dobase = static_cast<const T*>(p.dout) + p.do_st.at(b, h, 0);
+    const int64_t q_off = seq_of(p, b).q_off;
+    const T* qbase = static_cast<const T*>(p.q) + p.q_st.at(b, h, q_off);
+    const T* dobase = static_cast<const T*>(p.dout) + p.do_st.at(b, h, q_off);
+    const Mod<T> mod(p, b, h);
     const int64_t n = QueryTiles(p, b, h, kt, kTile, kTile).count();
     for (int64_t it = 0; it < n; ++it) {
       const TileVisit v = QueryTiles(opaque(p), b, h, kt, kTile, kTile).get(it);
@@ -397,15 +454,16 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
       // Safe: the previous tile's reads of lse_s / dl_s are followed by the barriers below.
       stage_row_stats(p, b, h, q0, lse_s, dl_s);
       T pr[2][2], ds[2][2];
-      tile_p_ds(p, v, b, h, hkv, q0, k0, d, nch, qs, ks, os, vs, lse_s, dl_s, pr, ds);
+      tile_p_ds(p, v, b, h, hkv, q0, k0, d, nch, qs, ks, os, vs, lse_s, dl_s, mod, pr, ds);
       put_tile(ps, pr);
       put_tile(dss, ds);
       // dV += P^T dO, dK += (scale dS)^T Q, chunk by chunk; this thread's row is key orow.
 #pragma unroll
       for (int ch = 0; ch < kMaxCh; ++ch) {
         if (ch >= nch) break;
-        stage(qs, qbase, p.q_st.s, q0, p.sq, ch * kChunk, d);
-        stage(os, dobase, p.do_st.s, q0, p.sq, ch * kChunk, d);
+        const int64_t sq = seq_of(p, b).sq;
+        stage(qs, qbase, p.q_st.s, q0, sq, ch * kChunk, d);
+        stage(os, dobase, p.do_st.s, q0, sq, ch * kChunk, d);
         __syncthreads();  // also publishes ps and dss
         owner_update<T, true>(dv, ch, ps, os, orow, osub);
         owner_update<T, true>(dk, ch, dss, qs, orow, osub);
@@ -414,10 +472,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const __grid_constant
     }
   }
 
+  const SeqInfo se = seq_of(p, b);
   const int64_t row = k0 + orow;
-  if (row < p.sk) {
-    store_row<T, kMaxCh>(static_cast<T*>(p.dk) + p.dk_st.at(b, hkv, row), dk, T(1), osub, nch, d);
-    store_row<T, kMaxCh>(static_cast<T*>(p.dv) + p.dv_st.at(b, hkv, row), dv, T(1), osub, nch, d);
+  if (row < se.sk) {
+    store_row<T, kMaxCh>(static_cast<T*>(p.dk) + p.dk_st.at(b, hkv, se.k_off + row), dk, T(1), osub, nch, d);
+    store_row<T, kMaxCh>(static_cast<T*>(p.dv) + p.dv_st.at(b, hkv, se.k_off + row), dv, T(1), osub, nch, d);
   }
 }
 
@@ -437,7 +496,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
   const int tid = threadIdx.x;
   const int orow = tid >> 3, osub = tid & 7;
   const int64_t q0 = qt * kTile;
-  const T* kbase = static_cast<const T*>(p.k) + p.k_st.at(b, hkv, 0);
+  if (q0 >= p.seq(b).sq) return;  // past this sequence's query tiles (packed batch): the whole block leaves
+  const T* kbase = static_cast<const T*>(p.k) + p.k_st.at(b, hkv, seq_of(p, b).k_off);
+  const Mod<T> mod(p, b, h);
 
   T dq[kMaxCh * 4];
 #pragma unroll
@@ -450,21 +511,23 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const __grid_constant__
     if (v.tile < 0) continue;  // block-uniform
     const int64_t k0 = v.tile * kTile;
     T pr[2][2], ds[2][2];
-    tile_p_ds(p, v, b, h, hkv, q0, k0, d, nch, qs, ks, os, vs, lse_s, dl_s, pr, ds);
+    tile_p_ds(p, v, b, h, hkv, q0, k0, d, nch, qs, ks, os, vs, lse_s, dl_s, mod, pr, ds);
     put_tile(dss, ds);
     // dQ += (scale dS) K, chunk by chunk; this thread's row is query orow.
 #pragma unroll
     for (int ch = 0; ch < kMaxCh; ++ch) {
       if (ch >= nch) break;
-      stage(kc, kbase, p.k_st.s, k0, p.sk, ch * kChunk, d);
+      stage(kc, kbase, p.k_st.s, k0, seq_of(p, b).sk, ch * kChunk, d);
       __syncthreads();  // also publishes dss
       owner_update<T, false>(dq, ch, dss, kc, orow, osub);
       __syncthreads();  // kc and dss are rewritten by the next chunk / tile
     }
   }
 
+  const SeqInfo se = seq_of(p, b);
   const int64_t row = q0 + orow;
-  if (row < p.sq) store_row<T, kMaxCh>(static_cast<T*>(p.dq) + p.dq_st.at(b, h, row), dq, T(1), osub, nch, d);
+  if (row < se.sq)
+    store_row<T, kMaxCh>(static_cast<T*>(p.dq) + p.dq_st.at(b, h, se.q_off + row), dq, T(1), osub, nch, d);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -519,7 +582,7 @@ template <typename T, int kMaxCh>
 void bwd_impl(const AttnParams& p, cudaStream_t stream) {
   // Every launch below may be empty (Sq = 0 or Sk = 0); the others still run, so that dk / dv of keys
   // no query sees and dq of rows that see no key are written as zeros.
-  const unsigned rows = grid_of(cdiv(p.batch * p.hq * p.sq, kThreads / 32), "generic_bwd");
+  const unsigned rows = grid_of(cdiv(p.row_batches() * p.hq * p.row_len(), kThreads / 32), "generic_bwd");
   if (rows > 0) {
     delta_kernel<T><<<rows, kThreads, 0, stream>>>(p);
     check_launch("generic_bwd (delta)");

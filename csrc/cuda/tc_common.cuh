@@ -1,6 +1,6 @@
 // Device primitives of the fp16/bf16 tensor-core kernels (forward and backward), sm80 and newer:
-// cp.async, ldmatrix, mma.sync m16n8k16, packing, exp2, quad reductions, and the swizzled shared-memory
-// layout of a (rows x HD) tile with the loaders that fill it.
+// cp.async, ldmatrix, mma.sync m16n8k16, packing, exp2, reciprocal, quad reductions, and the swizzled
+// shared-memory layout of a (rows x HD) tile with the loaders that fill it.
 //
 // Notation used in every comment below, for one warp:
 //   lane = threadIdx.x % 32,  g = lane / 4 (the "group", 0..7),  t = lane % 4 (thread in group, 0..3).
@@ -142,6 +142,14 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1/x, MUFU.RCP (approximate, flush-to-zero). PTX ISA, rcp.approx.ftz.f32: at most 1 ulp from 1/x over the
+// whole range; subnormal inputs and results flush to sign-preserving zero; 1/(+-0) = +-inf, 1/(+-inf) = +-0.
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
 

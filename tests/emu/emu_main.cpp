@@ -111,6 +111,14 @@ struct Case {
   bool layout_bcast = false;  // layout batch-broadcast (Bm = 1, batch stride 0)
   bool dlse = false;
   bool kv_bshd = false;  // k, v, dk, dv stored (B, S, H, D)
+  // Packed variable-length batch: per-sequence lengths (B of each). q, out, dout, dq are then (total_q, Hq, d),
+  // k, v, dk, dv (total_k, Hk, d), lse (Hq, total_q); Sq and Sk are the max_seqlen the kernels get (>= every
+  // length: a larger value only adds blocks that exit at once).
+  std::vector<int> lens_q, lens_k;
+  double softcap = 0;  // > 0: softcap
+  int alibi = 0;       // ALiBi slopes: 0 none, 1 (1, Hq) broadcast over batch, 2 (B, Hq)
+  double qmul = 1;     // q scaled by this: scores large enough that the cap bites
+  bool varlen() const { return !lens_q.empty(); }
 };
 
 std::vector<Case> cases(int hd) {
@@ -123,6 +131,38 @@ std::vector<Case> cases(int hd) {
   c.push_back({"sparse_causal", 1, 2, 2, 193, 193, hd ? full : 256, -1, 0, 32, 16, false, false, false});
   c.push_back({"single", 1, 1, 1, 1, 1, hd ? full : 1, -1, -1, 0, 0, false, true, false});
   c.push_back({"ragged_small_d", 1, 2, 1, 97, 130, hd ? std::max(8, hd - 24) : 59, -1, -1, 0, 0, false, true, true});
+#ifndef EMU_SM90  // the Hopper kernels take neither packed batches nor score modifiers yet
+  // Packed batches: lengths 0 and 1, Sq_b != Sk_b both ways, a sequence without keys and one without queries,
+  // GQA; the second gets max_seqlen above the longest lengths.
+  Case v1{"varlen_causal", 6, 4, 2, 130, 150, hd ? full : 40, -1, 0, 0, 0, false, true, false};
+  v1.lens_q = {70, 0, 1, 130, 33, 9};
+  v1.lens_k = {100, 12, 0, 97, 33, 150};
+  c.push_back(v1);
+  Case v2{"varlen_window", 4, 2, 1, 200, 256, hd ? full : 96, 30, 7, 0, 0, false, true, false};
+  v2.lens_q = {17, 129, 1, 64};
+  v2.lens_k = {40, 129, 5, 0};
+  c.push_back(v2);
+  // Score modifiers, alone, together, with a packed batch and with a block layout.
+  Case m1{"softcap", 1, 2, 1, 130, 200, hd ? full : 64, -1, -1, 0, 0, false, true, true};
+  m1.softcap = 1.5;
+  m1.qmul = 2;
+  c.push_back(m1);
+  Case m2{"alibi_window_gqa", 2, 4, 2, 77, 160, hd ? full : 59, 60, 20, 0, 0, false, true, false};
+  m2.alibi = 2;
+  c.push_back(m2);
+  Case m3{"mods_varlen_causal", 4, 2, 2, 128, 100, hd ? full : 160, -1, 0, 0, 0, false, true, false};
+  m3.lens_q = {40, 0, 128, 1};
+  m3.lens_k = {60, 7, 100, 1};
+  m3.softcap = 2.0;
+  m3.alibi = 1;
+  m3.qmul = 2;
+  c.push_back(m3);
+  Case m4{"sparse_mods", 1, 2, 2, 100, 100, hd ? full : 256, -1, 0, 32, 16, false, false, false};
+  m4.softcap = 3.0;
+  m4.alibi = 1;
+  m4.qmul = 2;
+  c.push_back(m4);
+#endif
   // Many key tiles per query tile and query tiles per key tile: pipelines and rings wrap several times.
   c.push_back({"many_tiles", 1, 2, 1, 300, 700, full, -1, -1, 0, 0, false, false, true});
   return c;
@@ -305,93 +345,127 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   std::normal_distribution<double> nd(0.0, 1.0);
   const int64_t pad = kTc ? 8 : 3;
   const int G = c.Hq / c.Hk;
-  Tensor4<Elem> q(c.B, c.Hq, c.Sq, c.d, pad, false, nan_pattern<Elem>());
-  Tensor4<Elem> k(c.B, c.Hk, c.Sk, c.d, pad + 8, c.kv_bshd, nan_pattern<Elem>());
-  Tensor4<Elem> v(c.B, c.Hk, c.Sk, c.d, pad, c.kv_bshd, nan_pattern<Elem>());
-  Tensor4<Elem> dout(c.B, c.Hq, c.Sq, c.d, pad, true, nan_pattern<Elem>());
+  const bool var = c.varlen();
+
+  // Sequences: lengths and row offsets into the tensors. Fixed-length: B sequences of (Sq, Sk) at tensor
+  // batch b; packed: one tensor batch of total rows, sequence b at rows cu[b] ...
+  std::vector<int64_t> sq(c.B, c.Sq), sk(c.B, c.Sk), cq(c.B + 1, 0), ck(c.B + 1, 0);
+  if (var)
+    for (int b = 0; b < c.B; ++b) {
+      sq[b] = c.lens_q[b];
+      sk[b] = c.lens_k[b];
+      cq[b + 1] = cq[b] + sq[b];
+      ck[b + 1] = ck[b] + sk[b];
+    }
+  const int TB = var ? 1 : c.B;                  // tensor batch
+  const int64_t TQ = var ? cq[c.B] : c.Sq;       // tensor rows of q (total_q when packed)
+  const int64_t TK = var ? ck[c.B] : c.Sk;       // tensor rows of k
+  // Tensor coordinates (tensor batch, row) of query i / key j of sequence b.
+  const auto qb = [&](int b) { return var ? 0 : b; };
+  const auto qr = [&](int b, int64_t i) { return var ? cq[b] + i : i; };
+  const auto kr = [&](int b, int64_t j) { return var ? ck[b] + j : j; };
+
+  // Packed tensors are (total, H, d): (B, S, H, D) storage with one batch.
+  Tensor4<Elem> q(TB, c.Hq, TQ, c.d, pad, var, nan_pattern<Elem>());
+  Tensor4<Elem> k(TB, c.Hk, TK, c.d, pad + 8, var || c.kv_bshd, nan_pattern<Elem>());
+  Tensor4<Elem> v(TB, c.Hk, TK, c.d, pad, var || c.kv_bshd, nan_pattern<Elem>());
+  Tensor4<Elem> dout(TB, c.Hq, TQ, c.d, pad, true, nan_pattern<Elem>());
   auto fill = [&](Tensor4<Elem>& t, double sd) {
     for (int64_t b = 0; b < t.B; ++b)
       for (int64_t h = 0; h < t.H; ++h)
         for (int64_t s = 0; s < t.S_; ++s)
           for (int64_t x = 0; x < t.D; ++x) t.at(b, h, s, x) = from_d<Elem>(sd * nd(rng));
   };
-  fill(q, 1.0);
+  fill(q, c.qmul);
   fill(k, 1.0);
   fill(v, 1.0);
   fill(dout, 1.0);
-  const size_t nrow = static_cast<size_t>(c.B) * c.Hq * c.Sq;
+  const size_t nrow = static_cast<size_t>(TB) * c.Hq * TQ;  // rows of lse: (B, Hq, Sq) or (Hq, total_q)
+  const auto lrow = [&](int b, int h, int64_t i) { return (static_cast<size_t>(qb(b)) * c.Hq + h) * TQ + qr(b, i); };
   std::vector<Lse> dlse(nrow);
   for (auto& x : dlse) x = static_cast<Lse>(0.5 * nd(rng));
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.d)) * 1.3;
+  std::vector<float> slopes;
+  const int slope_rows = c.alibi == 2 ? c.B : 1;
+  for (int i = 0; i < slope_rows * c.Hq; ++i) slopes.push_back(static_cast<float>(0.03 + 0.05 * (i % 5) + 0.01 * i));
 
   Layout L{};
   if (c.bq) L = make_layout(c, rng);
   auto sees = [&](int b, int h, int64_t i, int64_t j) {
-    const int64_t dd = j - i - (c.Sk - c.Sq);
+    const int64_t dd = j - i - (sk[b] - sq[b]);
     if (c.left >= 0 && dd < -c.left) return false;
     if (c.right >= 0 && dd > c.right) return false;
     return !c.bq || L.at(L.Bm == 1 ? 0 : b, h, static_cast<int>(i / c.bq), static_cast<int>(j / c.bk)) != 0;
   };
 
-  // Reference.
+  // Reference, indexed like the tensors: out / dq (TB, Hq, TQ, d), dk / dv (TB, Hk, TK, d), lse (TB, Hq, TQ).
   Ref R;
-  const auto qi = [&](int64_t b, int64_t h, int64_t s) { return ((b * c.Hq + h) * c.Sq + s) * c.d; };
-  const auto ki = [&](int64_t b, int64_t h, int64_t s) { return ((b * c.Hk + h) * c.Sk + s) * c.d; };
+  const auto qi = [&](int b, int64_t h, int64_t i) { return ((qb(b) * c.Hq + h) * TQ + qr(b, i)) * c.d; };
+  const auto ki = [&](int b, int64_t h, int64_t j) { return ((qb(b) * c.Hk + h) * TK + kr(b, j)) * c.d; };
   R.o.assign(nrow * c.d, 0);
   R.dq.assign(nrow * c.d, 0);
   R.lse.assign(nrow, -INFINITY);
-  R.dk.assign(static_cast<size_t>(c.B) * c.Hk * c.Sk * c.d, 0);
+  R.dk.assign(static_cast<size_t>(TB) * c.Hk * TK * c.d, 0);
   R.dv.assign(R.dk.size(), 0);
   R.row_sees.assign(nrow, 0);
-  R.key_seen.assign(static_cast<size_t>(c.B) * c.Hk * c.Sk, 0);
+  R.key_seen.assign(static_cast<size_t>(TB) * c.Hk * TK, 0);
   for (int b = 0; b < c.B; ++b)
     for (int h = 0; h < c.Hq; ++h) {
       const int hk = h / G;
-      for (int i = 0; i < c.Sq; ++i) {
-        std::vector<double> s(c.Sk, -INFINITY), pr(c.Sk, 0.0), dp(c.Sk, 0.0);
+      const double slope = c.alibi ? slopes[(c.alibi == 2 ? b : 0) * c.Hq + h] : 0.0;
+      for (int64_t i = 0; i < sq[b]; ++i) {
+        const int64_t tq = qr(b, i);
+        std::vector<double> s(sk[b], -INFINITY), pr(sk[b], 0.0), dp(sk[b], 0.0), gm(sk[b], 1.0);
         double mx = -INFINITY;
-        for (int j = 0; j < c.Sk; ++j) {
+        for (int64_t j = 0; j < sk[b]; ++j) {
           if (!sees(b, h, i, j)) continue;
           double a = 0;
-          for (int x = 0; x < c.d; ++x) a += to_d(q.at(b, h, i, x)) * to_d(k.at(b, hk, j, x));
-          s[j] = a * scale;
+          for (int x = 0; x < c.d; ++x) a += to_d(q.at(qb(b), h, tq, x)) * to_d(k.at(qb(b), hk, kr(b, j), x));
+          double x = a * scale;
+          if (c.softcap > 0) {
+            const double t = std::tanh(x / c.softcap);
+            x = c.softcap * t;
+            gm[j] = 1 - t * t;
+          }
+          s[j] = x - slope * std::fabs(static_cast<double>(i + sk[b] - sq[b] - j));
           mx = std::max(mx, s[j]);
         }
         if (mx == -INFINITY) continue;
-        const size_t row = (static_cast<size_t>(b) * c.Hq + h) * c.Sq + i;
+        const size_t row = lrow(b, h, i);
         R.row_sees[row] = 1;
         double l = 0;
-        for (int j = 0; j < c.Sk; ++j)
+        for (int64_t j = 0; j < sk[b]; ++j)
           if (s[j] > -INFINITY) l += std::exp(s[j] - mx);
         R.lse[row] = mx + std::log(l);
-        for (int j = 0; j < c.Sk; ++j) {
+        for (int64_t j = 0; j < sk[b]; ++j) {
           if (s[j] == -INFINITY) continue;
           pr[j] = std::exp(s[j] - mx) / l;
-          R.key_seen[(static_cast<size_t>(b) * c.Hk + hk) * c.Sk + j] = 1;
+          R.key_seen[(static_cast<size_t>(qb(b)) * c.Hk + hk) * TK + kr(b, j)] = 1;
           for (int x = 0; x < c.d; ++x) {
-            R.o[qi(b, h, i) + x] += pr[j] * to_d(v.at(b, hk, j, x));
-            dp[j] += to_d(dout.at(b, h, i, x)) * to_d(v.at(b, hk, j, x));
+            R.o[qi(b, h, i) + x] += pr[j] * to_d(v.at(qb(b), hk, kr(b, j), x));
+            dp[j] += to_d(dout.at(qb(b), h, tq, x)) * to_d(v.at(qb(b), hk, kr(b, j), x));
           }
         }
         double delta = 0;
-        for (int x = 0; x < c.d; ++x) delta += to_d(dout.at(b, h, i, x)) * R.o[qi(b, h, i) + x];
+        for (int x = 0; x < c.d; ++x) delta += to_d(dout.at(qb(b), h, tq, x)) * R.o[qi(b, h, i) + x];
         const double dl = c.dlse ? to_d(dlse[row]) : 0.0;
-        for (int j = 0; j < c.Sk; ++j) {
+        for (int64_t j = 0; j < sk[b]; ++j) {
           if (pr[j] == 0) continue;
-          const double ds = pr[j] * (dp[j] - delta + dl);
+          const double ds = pr[j] * (dp[j] - delta + dl) * gm[j];
           for (int x = 0; x < c.d; ++x) {
-            R.dq[qi(b, h, i) + x] += scale * ds * to_d(k.at(b, hk, j, x));
-            R.dk[ki(b, hk, j) + x] += scale * ds * to_d(q.at(b, h, i, x));
-            R.dv[ki(b, hk, j) + x] += pr[j] * to_d(dout.at(b, h, i, x));
+            R.dq[qi(b, h, i) + x] += scale * ds * to_d(k.at(qb(b), hk, kr(b, j), x));
+            R.dk[ki(b, hk, j) + x] += scale * ds * to_d(q.at(qb(b), h, tq, x));
+            R.dv[ki(b, hk, j) + x] += pr[j] * to_d(dout.at(qb(b), h, tq, x));
           }
         }
       }
     }
+  // Tensor coordinates (tensor batch, head, row) -> whether the row sees nothing / the key is seen by nobody.
   const auto row_empty = [&](int64_t b, int64_t h, int64_t s) {
-    return !R.row_sees[(static_cast<size_t>(b) * c.Hq + h) * c.Sq + s];
+    return !R.row_sees[(static_cast<size_t>(b) * c.Hq + h) * TQ + s];
   };
   const auto key_unseen = [&](int64_t b, int64_t h, int64_t s) {
-    return !R.key_seen[(static_cast<size_t>(b) * c.Hk + h) * c.Sk + s];
+    return !R.key_seen[(static_cast<size_t>(b) * c.Hk + h) * TK + s];
   };
 
   // Parameters shared by both passes.
@@ -411,6 +485,20 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   p.scale = scale;
   p.window_left = c.left;
   p.window_right = c.right;
+  p.softcap = c.softcap;
+  std::vector<int32_t> cu_q(cq.begin(), cq.end()), cu_k(ck.begin(), ck.end());
+  if (var) {
+    p.q_st.b = p.k_st.b = p.v_st.b = 0;  // packed tensors come with batch stride 0
+    p.cu_seqlens_q = cu_q.data();
+    p.cu_seqlens_k = cu_k.data();
+    p.total_q = TQ;
+    p.total_k = TK;
+  }
+  if (c.alibi) {
+    p.alibi = slopes.data();
+    p.alibi_b = c.alibi == 2 ? c.Hq : 0;
+  }
+  const int64_t lse_b = var ? 0 : static_cast<int64_t>(c.Hq) * TQ;
 #ifdef EMU_SM90
   const TileShape tiles = sm90_tiles(kHD);
 #else
@@ -437,15 +525,16 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   };
 
   // Forward.
-  Tensor4<Elem> o(c.B, c.Hq, c.Sq, c.d, pad, false, sentinel<Elem>());
-  Tensor4<Lse> lse(c.B, c.Hq, c.Sq, 1, 0, false, sentinel<Lse>());
+  Tensor4<Elem> o(TB, c.Hq, TQ, c.d, pad, var, sentinel<Elem>());
+  Tensor4<Lse> lse(TB, c.Hq, TQ, 1, 0, false, sentinel<Lse>());
   {
     AttnParams f = p;
     f.o = o.buf.data();
     f.o_st = o.st;
+    if (var) f.o_st.b = 0;
     f.lse = lse.buf.data();
-    f.lse_b = static_cast<int64_t>(c.Hq) * c.Sq;
-    f.lse_h = c.Sq;
+    f.lse_b = lse_b;
+    f.lse_h = TQ;
     if (c.bq) {
       f.list_tq = tiles.fwd_tq;
       f.list_tk = tiles.fwd_tk;
@@ -495,17 +584,18 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   for (int mode = 0; mode < modes; ++mode) {
     const bool deterministic = !kTc || mode == 1;
     AttnParams g = p;
-    Tensor4<Elem> dq(c.B, c.Hq, c.Sq, c.d, pad, false, sentinel<Elem>());
-    Tensor4<Elem> dk(c.B, c.Hk, c.Sk, c.d, pad, c.kv_bshd, sentinel<Elem>());
-    Tensor4<Elem> dv(c.B, c.Hk, c.Sk, c.d, pad, c.kv_bshd, sentinel<Elem>());
+    Tensor4<Elem> dq(TB, c.Hq, TQ, c.d, pad, var, sentinel<Elem>());
+    Tensor4<Elem> dk(TB, c.Hk, TK, c.d, pad, var || c.kv_bshd, sentinel<Elem>());
+    Tensor4<Elem> dv(TB, c.Hk, TK, c.d, pad, var || c.kv_bshd, sentinel<Elem>());
     std::vector<Lse> delta(nrow + 8, sentinel<Lse>());
-    const int64_t rows_pad = kTc ? cdiv(c.Sq, tiles.bwd_tq) * tiles.bwd_tq : 0;
-    std::vector<float> dq_accum(kTc ? static_cast<size_t>(c.B) * c.Hq * rows_pad * kHD : 0, 0.f);
+    // dq_accum (params.h): (B, Hq, Sq padded to the backward query tile, HD), or (Hq, total_q, HD) packed.
+    const int64_t rows_pad = !kTc ? 0 : var ? TQ : cdiv(c.Sq, tiles.bwd_tq) * tiles.bwd_tq;
+    std::vector<float> dq_accum(kTc ? static_cast<size_t>(TB) * c.Hq * rows_pad * kHD : 0, 0.f);
     g.o = o.buf.data();
     g.o_st = o.st;
     g.lse = lse.buf.data();
-    g.lse_b = static_cast<int64_t>(c.Hq) * c.Sq;
-    g.lse_h = c.Sq;
+    g.lse_b = lse_b;
+    g.lse_h = TQ;
     g.dout = dout.buf.data();
     g.do_st = dout.st;
     g.dlse = c.dlse ? dlse.data() : nullptr;
@@ -515,12 +605,13 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
     g.dq_st = dq.st;
     g.dk_st = dk.st;
     g.dv_st = dv.st;
+    if (var) g.o_st.b = g.do_st.b = g.dq_st.b = g.dk_st.b = g.dv_st.b = 0;
     g.delta = delta.data();
     g.deterministic = deterministic;
     if (!deterministic) {
       g.dq_accum = dq_accum.data();
       g.dqa_h = rows_pad * kHD;
-      g.dqa_b = c.Hq * g.dqa_h;
+      g.dqa_b = var ? 0 : c.Hq * g.dqa_h;
       g.dqa_s = kHD;
     }
     if (c.bq) {
@@ -565,13 +656,13 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
     compare(parts[2].second, dv, R.dv, "dv", key_unseen);
     for (size_t i = nrow; i < delta.size(); ++i)
       if (!same_bits(delta[i], sentinel<Lse>())) parts[0].second.fail("delta written past its end");
-    for (int64_t b = 0; b < c.B && !deterministic; ++b)
+    for (int64_t b = 0; b < TB && !deterministic; ++b)
       for (int64_t h = 0; h < c.Hq; ++h)
         for (int64_t s = 0; s < rows_pad; ++s)
           for (int64_t x = 0; x < kHD; ++x)
-            if ((s >= c.Sq || x >= c.d) && dq_accum[((b * c.Hq + h) * rows_pad + s) * kHD + x] != 0.f) {
+            if ((s >= TQ || x >= c.d) && dq_accum[((b * c.Hq + h) * rows_pad + s) * kHD + x] != 0.f) {
               parts[0].second.fail("dq_accum written outside rows < Sq, columns < d");
-              b = c.B;
+              b = TB;
               h = c.Hq;
               s = rows_pad;
               break;

@@ -14,6 +14,8 @@
 //                                                Config::eager_copy).
 //   shfl.sync.bfly, bar.sync, bar.warp.sync, red/atom.add.f32 (and the sm90 .v2.f32 form).
 //   ex2.approx.ftz.f32: exp2f with subnormal inputs and results flushed to zero.
+//   rcp.approx.ftz.f32: 1/x at the ISA's error bound (1 ulp; of the two floats around 1/x, the farther),
+//                                                subnormal inputs and results flushed to sign-preserving zero.
 //
 // Checks (each failure is counted and the first few printed with kernel, block and thread):
 //   - shared memory starts every block as 0xff bytes (NaN in fp16, bf16, fp32, fp64), so a read of
@@ -645,6 +647,26 @@ inline float ex2_approx_ftz(float x) {
   if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
   const float y = std::exp2(x);
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
+
+// rcp.approx.ftz.f32 (PTX ISA: "maximum ulp error is 1 across the full range of inputs"; .ftz flushes
+// subnormal inputs and results to sign-preserving zero; 1/+-0 = +-inf, 1/+-inf = +-0, NaN stays NaN). The
+// hardware's exact rounding is not specified, so the model sits at the bound: when 1/x is not a float, it
+// returns the one of its two neighbouring floats that is farther from it (error between 0.5 and 1 ulp),
+// rather than the nearest, so code that only works with a correctly rounded reciprocal fails here.
+inline float rcp_approx_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = std::copysign(0.f, x);
+  if (x == 0.f) return std::copysign(INFINITY, x);
+  if (std::isinf(x)) return std::copysign(0.f, x);
+  if (std::isnan(x)) return x;
+  const double r = 1.0 / static_cast<double>(x);  // exact to 2^-53 relative: decides the rounding below
+  const float f = static_cast<float>(r);
+  float y = f;
+  if (static_cast<double>(f) != r) {
+    const float other = static_cast<double>(f) < r ? std::nextafter(f, INFINITY) : std::nextafter(f, -INFINITY);
+    y = std::fabs(static_cast<double>(other) - r) > std::fabs(static_cast<double>(f) - r) ? other : f;
+  }
+  return std::fpclassify(y) == FP_SUBNORMAL ? std::copysign(0.f, y) : y;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Turn the CUDA kernel sources into C++ the host emulator can compile.
 
-Reads the kernel sources of csrc/cuda/ (SOURCES below: the mma.sync family, generic.cu, and the Hopper
-family of csrc/cuda/sm90/) and writes copies under OUT (default tests/emu/build/gen) in which, and only in
-which:
-  - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, %laneid, %tid,
-    the empty asm of generic.cu's opaque(); mbarrier, bulk tensor copies, fences, named barriers,
+Reads the kernel sources of csrc/cuda/ (SOURCES below: the mma.sync family with its score modifiers and
+sequence views, generic.cu, and the Hopper family of csrc/cuda/sm90/) and writes copies under OUT (default
+tests/emu/build/gen) in which, and only in which:
+  - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, rcp.approx, %laneid,
+    %tid, the empty asm of generic.cu's opaque(); mbarrier, bulk tensor copies, fences, named barriers,
     setmaxnreg, wgmma and its fence/commit/wait in sm90/) is replaced by a one-line call into
     tests/emu/emu_runtime.h / emu_sm90.h;
   - the sm90-only branch of red_add_f32x2 becomes a run-time switch, so one binary runs both atomics;
@@ -42,6 +42,7 @@ REPLACE = {
                     "uint32_t b0, uint32_t b1) {\n  ::emu::mma_m16n8k16(c, a, b0, b1, "
                     "std::is_same<Elem, __nv_bfloat16>::value);\n}",
         "fast_exp2": "inline float fast_exp2(float x) { return ::emu::ex2_approx_ftz(x); }",
+        "fast_rcp": "inline float fast_rcp(float x) { return ::emu::rcp_approx_ftz(x); }",
     },
     "bwd_common.cuh": {
         "cp_async4": "inline void cp_async4(uint32_t sdst, const void* gsrc, bool pred) "
@@ -92,7 +93,7 @@ REPLACE = {
 }
 
 # Sources converted into OUT/cuda/ (paths relative to csrc/cuda/).
-SOURCES = ("tc_common.cuh", "bwd_common.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh", "generic.cu",
+SOURCES = ("tc_common.cuh", "bwd_common.cuh", "score_mod.cuh", "sequence.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh", "generic.cu",
            "sm90/ptx.cuh", "sm90/wgmma.cuh", "sm90/common.cuh", "sm90/fwd.cuh", "sm90/bwd.cuh")
 
 # kernel<<<cfg>>>(args); with the kernel an identifier, possibly qualified and with template arguments.

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Shows that the emulator can fail: builds copies of the converted kernels with one known bug each
-(a missing barrier, a missing column predicate; for the Hopper kernels a wrong swizzle, a wrong mbarrier
-parity, missing mbarrier / wgmma waits, missing wgmma.fence and fence.proxy.async, a stage reused before
-its release, ...) and expects every one of them to be reported (non-zero exit: an emulator error or a
-wrong result). python3 tests/emu/selftest.py [name-substring]   (about 8 minutes for all)."""
+(a missing barrier, a missing column predicate, a wrong softcap derivative or tanh, a packed batch's row
+offset left out; for the Hopper kernels a wrong swizzle, a wrong mbarrier parity, missing mbarrier / wgmma
+waits, missing wgmma.fence and fence.proxy.async, a stage reused before its release, ...) and expects every
+one of them to be reported (non-zero exit: an emulator error or a wrong result).
+python3 tests/emu/selftest.py [name-substring]   (about 8 minutes for all on an idle machine)."""
 from __future__ import annotations
 
 import os
@@ -31,6 +32,16 @@ MUTATIONS = [
     ("generic fwd: no barrier before K is overwritten by V", "generic.cu",
      "__syncthreads();  // ks is refilled below (V) or by the next chunk", "//", ["-DEMU_GENERIC", "-DEMU_T=float"],
      "dense"),
+    ("dkdv (softcap): dS without the tanh derivative", "bwd_kernel.cuh",
+     "dp[nl][e] = pv * (dp[nl][e] - dd[e & 1]) * gm;", "dp[nl][e] = pv * (dp[nl][e] - dd[e & 1]);",
+     ["-DEMU_ELEM=__half", "-DEMU_HD=64"], "softcap"),
+    ("tanh on ex2 / rcp.approx: 1 - rcp instead of 1 - 2 rcp", "score_mod.cuh",
+     "return 1.f - 2.f * fast_rcp(", "return 1.f - fast_rcp(", ["-DEMU_ELEM=__half", "-DEMU_HD=32"], "softcap"),
+    ("fwd (packed batch): lse rows without the sequence's offset", "fwd_kernel.cuh",
+     "+ h * p.lse_h + sv.q_off();", "+ h * p.lse_h;", ["-DEMU_ELEM=__nv_bfloat16", "-DEMU_HD=64"], "varlen_window"),
+    ("generic dQ (packed batch): rows without the sequence's offset", "generic.cu",
+     "p.dq_st.at(b, h, se.q_off + row)", "p.dq_st.at(b, h, row)", ["-DEMU_GENERIC", "-DEMU_T=double"],
+     "varlen_window"),
     # The Hopper family (csrc/cuda/sm90/): one bug per instruction rule the emulator checks.
     ("sm90 wgmma: wrong swizzle mode in the descriptors (64B for a 128B layout)", "sm90/ptx.cuh",
      "(uint64_t(1) << 62)", "(uint64_t(2) << 62)", SM90, "many_tiles"),

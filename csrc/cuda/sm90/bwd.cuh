@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
       }
       int gi = 0, idx = 0, it = 0;
       TileVisit cur{-1, false};
-      while (bwd::next_query_item<C::TQ, C::TK>(p, b, h0, group, kt, gi, idx, cur)) {
+      while (bwd::next_query_item<C::TQ, C::TK>(SeqView<false>(p, b), h0, group, kt, gi, idx, cur)) {
         const int s = it % C::kStages;
         const uint32_t ph = (it / C::kStages) & 1;
         const int64_t h = h0 + gi;
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
   mbar_wait(barKV, 0);
   int gi = 0, idx = 0, it = 0;
   TileVisit cur{-1, false};
-  while (bwd::next_query_item<C::TQ, C::TK>(p, b, h0, group, kt, gi, idx, cur)) {
+  while (bwd::next_query_item<C::TQ, C::TK>(SeqView<false>(p, b), h0, group, kt, gi, idx, cur)) {
     const int s = it % C::kStages;
     const uint32_t ph = (it / C::kStages) & 1;
     const int64_t h = h0 + gi;
