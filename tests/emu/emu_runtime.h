@@ -329,7 +329,17 @@ inline void block_until(std::unique_lock<std::mutex>& lk, const std::function<bo
   me.blocked = true;
   me.cond = cond;
   me.what = what;
-  if (--B.active[me.warp] == 0 && B.cur == me.warp) schedule(B);
+  if (--B.active[me.warp] == 0 && B.cur == me.warp) {
+    schedule(B);
+  } else if (B.cur == me.warp && cond()) {
+    // Lanes of this warp still run with the turn (the last lane into a __syncthreads: completing the
+    // barrier made its warp-mates runnable before it parked itself here). Go on with them: parked, it
+    // would never be woken while they spin in a warp collective that needs it (a deadlock of the mma.sync
+    // and fp32/fp64 kernels, whose barriers are followed by ldmatrix and shuffles).
+    me.blocked = false;
+    ++B.active[me.warp];
+    return;
+  }
   while (!(!me.blocked && B.cur == me.warp))
     if (B.wcv[me.warp]->wait_for(lk, kHangAfter) == std::cv_status::timeout && !(!me.blocked && B.cur == me.warp)) {
       const std::string s = std::string("no progress for a long time while waiting in ") + what +
