@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Turn the CUDA kernel sources into C++ the host emulator can compile.
 
-Reads csrc/cuda/{tc_common,bwd_common,fwd_kernel,bwd_kernel}.cuh and generic.cu and writes copies under
+Reads csrc/cuda/{tc_common,bwd_common,fwd_kernel,bwd_kernel,decode_kernel}.cuh, generic.cu and decode.cu
+(and copies decode.h) and writes copies under
 OUT (default tests/emu/build/gen) in which, and only in which:
   - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, %laneid, %tid,
     the empty asm of generic.cu's opaque()) is replaced by a one-line call into tests/emu/emu_runtime.h;
@@ -143,9 +144,10 @@ def main() -> int:
     (out / "cuda").mkdir(parents=True, exist_ok=True)
     for f in ("params.h", "mask.h", "kernels.h"):
         shutil.copyfile(CSRC / f, out / f)
-    for f in ("tiles.h", "launch.h"):
+    for f in ("tiles.h", "launch.h", "decode.h"):
         shutil.copyfile(CSRC / "cuda" / f, out / "cuda" / f)
-    for f in ("tc_common.cuh", "bwd_common.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh", "generic.cu"):
+    for f in ("tc_common.cuh", "bwd_common.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh", "generic.cu", "decode_kernel.cuh",
+              "decode.cu"):
         text = convert(f, (CSRC / "cuda" / f).read_text())
         dst = out / "cuda" / f
         if not dst.exists() or dst.read_text() != text:  # keep mtimes when nothing changed

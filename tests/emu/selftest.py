@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Shows that the emulator can fail: builds copies of the converted kernels with one known bug each
-(a missing barrier, a missing column predicate) and expects every one of them to be reported.
-Run after run_all.py (or gen_kernels.py): python3 tests/emu/selftest.py   (about 2 minutes)."""
+(a missing barrier, a missing column predicate, a wrong page slot, a wrong combine weight) and expects
+every one of them to be reported. Run after run_all.py (or gen_kernels.py): python3 tests/emu/selftest.py
+(about 3 minutes)."""
 from __future__ import annotations
 
 import pathlib
@@ -26,6 +27,13 @@ MUTATIONS = [
     ("generic fwd: no barrier before K is overwritten by V", "generic.cu",
      "__syncthreads();  // ks is refilled below (V) or by the next chunk", "//", ["-DEMU_GENERIC", "-DEMU_T=float"],
      "dense"),
+    ("decode: no barrier before the next K / V prefetch", "decode_kernel.cuh",
+     "__syncthreads();  // every warp is done with this stage", "//", ["-DEMU_ELEM=__half", "-DEMU_HD=64"], "decode"),
+    ("decode: page slot taken modulo 16 instead of the page size", "decode.h",
+     "(j % p.page_size) * st.s", "(j % 16) * st.s", ["-DEMU_ELEM=__nv_bfloat16", "-DEMU_HD=128"], "decode_paged64"),
+    ("decode combine: parts weighted by exp(lse_t - max) instead of exp(lse_t - lse)", "decode.cu",
+     "const P w = dexp(lp[r] - lse);", "const P w = dexp(lp[r] - mx);", ["-DEMU_GENERIC", "-DEMU_T=float"],
+     "decode"),
 ]
 
 
