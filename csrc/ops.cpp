@@ -536,6 +536,7 @@ AttnParams kvcache_params(const Tensor& q, const Tensor& kc, const Tensor& vc, c
     p.block_table = block_table->data_ptr<int32_t>();
     p.block_table_b = block_table->stride(0);
     p.page_size = c.page_size;
+    p.num_pages = kc.size(0);
   } else {
     p.hk = kc.size(1);
     p.k_st = strides_of(kc);
@@ -812,12 +813,66 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor& dout_in, const 
   return {t.dq, t.dk, t.dv};
 }
 
-std::tuple<Tensor, Tensor> kvcache_fwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                            const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                            const std::optional<Tensor>&, double, int64_t, int64_t, double,
-                                            const std::optional<Tensor>&, int64_t) {
-  cuda_unsupported(true, "flash_kvcache");
-  return {};
+// The tensor-core decode kernel copies cache rows in 16-byte pieces; the cache is written in place (and a
+// paged pool is shared), so it is never copied: a view whose rows do not start 16-byte aligned is an error.
+void check_rows_aligned(const Tensor& t, const char* name) {
+  const int64_t e = static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3 && ok; ++i) ok = t.size(i) <= 1 || (t.stride(i) * e) % 16 == 0;
+  TORCH_CHECK_VALUE(ok, name, ": the CUDA kernels read its rows in 16-byte pieces: expected a 16-byte aligned "
+                    "start and strides that are multiples of 16 bytes, got strides ", t.strides());
+}
+
+// No host synchronisation: lengths and page-table entries are read on the GPU (the Python layer checked
+// them once), num_splits = 0 is decided from the shapes and the SM count, the append is a device-side
+// index_put_.
+std::tuple<Tensor, Tensor> kvcache_fwd_cuda(const Tensor& q_in, const Tensor& kc, const Tensor& vc,
+                                            const Tensor& seqlens, const std::optional<Tensor>& k_new,
+                                            const std::optional<Tensor>& v_new,
+                                            const std::optional<Tensor>& block_table, double scale, int64_t wl,
+                                            int64_t wr, double softcap, const std::optional<Tensor>& alibi,
+                                            int64_t num_splits) {
+  const KvCall c = check_kvcache(q_in, kc, vc, seqlens, k_new, v_new, block_table);
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits: expected >= 0 (0 picks), got ", num_splits);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const bool tc = is_tc(q_in);
+  const Tensor q = tc ? rows_aligned(q_in) : q_in;
+  const int hd = tc ? checked_tc_head_dim(q) : 0;
+  if (tc) {
+    check_rows_aligned(kc, "k_cache");
+    check_rows_aligned(vc, "v_cache");
+  }
+  if (k_new.has_value()) kvcache_append(kc, vc, seqlens, *k_new, *v_new, block_table, c);
+  Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
+  if (q.numel() == 0) return {out, lse};
+  AttnParams p = kvcache_params(q, kc, vc, seqlens, block_table, c, scale, wl, wr);
+  set_score_mod(p, softcap, alibi, q);
+  p.o = out.data_ptr();
+  p.o_st = strides_of(out);
+  p.lse = lse.data_ptr();
+  p.lse_b = lse.stride(0);
+  p.lse_h = lse.stride(1);
+  int sms = 0;
+  if (num_splits == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()) != cudaSuccess) {
+    (void)cudaGetLastError();  // not left behind for the launch checks
+    sms = 0;
+  }
+  p.num_splits = num_splits > 0 ? num_splits : decode_splits(p, tc, sms);
+  Tensor o_part, lse_part;
+  if (p.num_splits > 1) {
+    const auto wopt = q.options().dtype(lse_type(q));
+    o_part = at::empty({p.num_splits, q.size(0), q.size(1), q.size(2), q.size(3)}, wopt);
+    lse_part = at::empty({p.num_splits, q.size(0), q.size(1), q.size(2)}, wopt);
+    p.o_part = o_part.data_ptr();
+    p.lse_part = lse_part.data_ptr();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (tc)
+    tc_decode(p, dtype_of(q), hd, stream);
+  else
+    generic_decode(p, dtype_of(q), stream);
+  return {out, lse};
 }
 #endif  // FA_WITH_CUDA
 

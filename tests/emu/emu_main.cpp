@@ -1,5 +1,6 @@
 // Host-emulator check of the CUDA kernels: runs the real launchers and kernels (as converted by
-// gen_kernels.py) on emu_runtime.h and compares out, lse, dq, dk, dv with a float64 reference.
+// gen_kernels.py) on emu_runtime.h and compares out, lse, dq, dk, dv with a float64 reference; the decode
+// (flash_kvcache) cases are in emu_decode.h.
 //
 // Build (run_all.py does this):
 //   tensor cores: g++ -std=c++20 -O2 -pthread -I shim -I build/gen -DEMU_ELEM=__half -DEMU_HD=64 emu_main.cpp
@@ -18,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #ifdef EMU_GENERIC
+#include "cuda/decode.cu"
 #include "cuda/generic.cu"
 using Elem = EMU_T;
 using Lse = EMU_T;
@@ -30,6 +32,8 @@ using Lse = float;
 constexpr int kHD = EMU_HD;
 #else
 #include "cuda/bwd_kernel.cuh"
+#include "cuda/decode.cu"
+#include "cuda/decode_kernel.cuh"
 #include "cuda/fwd_kernel.cuh"
 using Elem = EMU_ELEM;
 using Lse = float;
@@ -674,6 +678,8 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   }
 }
 
+#include "emu_decode.h"
+
 int main(int argc, char** argv) {
   std::string filter;
   for (int i = 1; i < argc; ++i) {
@@ -702,6 +708,10 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < cs.size(); ++i)
     if (filter.empty() || cs[i].name.find(filter) != std::string::npos)
       run_case(cs[i], emu::g_cfg.seed * 1000u + static_cast<unsigned>(i), tot);
+  const auto ds = decode_cases();
+  for (size_t i = 0; i < ds.size(); ++i)
+    if (filter.empty() || ds[i].name.find(filter) != std::string::npos)
+      run_decode_case(ds[i], emu::g_cfg.seed * 1000u + 500u + static_cast<unsigned>(i), tot);
   std::printf("%d passed, %d failed\n", tot.passed, tot.failed);
   return tot.failed ? 1 : 0;
 }

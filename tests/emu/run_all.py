@@ -49,7 +49,8 @@ def targets(hds, dtypes, families=FAMILIES):
 
 def build(name, defs, cxx, sanitize):
     exe = BUILD / (name + ("_asan" if sanitize else ""))
-    deps = [HERE / "emu_main.cpp", HERE / "emu_runtime.h", HERE / "emu_sm90.h", *(HERE / "shim").glob("*.h"),
+    deps = [HERE / "emu_main.cpp", HERE / "emu_runtime.h", HERE / "emu_sm90.h", HERE / "emu_decode.h",
+            *(HERE / "shim").glob("*.h"),
             *(BUILD / "gen").rglob("*")]
     if exe.exists() and exe.stat().st_mtime > max(p.stat().st_mtime for p in deps if p.is_file()):
         return exe
