@@ -629,7 +629,9 @@ Tensor tma_ready(const Tensor& t) {
   return t;
 }
 
-// The Hopper head dim that runs q on its device (0: the mma.sync kernels run).
+// The Hopper head dim that runs q on its device (0: the mma.sync kernels run; fused_attn/_ops.py's
+// kernel_tiles makes the same choice through bindings.cpp). Packed batches (varlen_*_cuda) stay on the
+// mma.sync kernels.
 int sm90_head_dim_for(const Tensor& q) {
   return is_tc(q) ? sm90_choose(q.get_device(), dtype_of(q), q.size(3)) : 0;
 }

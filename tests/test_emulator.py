@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.slow,
 
 SUBSETS = {
     # family, dtype, head dim, cases (substrings of emu_main.cpp's case names)
-    "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial"),
-    "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles"),
+    "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial,mods_varlen_causal"),
+    "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods"),
     "generic": ("generic", "fp32", 64, "dense,sparse_causal"),
 }
 
