@@ -20,8 +20,9 @@ built=$(date +%s)
 echo "wheel: built $(basename "$wheel") ($(du -h "$wheel" | cut -f1)) in $((built - start)) s"
 
 # A fresh venv from the base interpreter under .venv, seeing .venv's packages (torch, numpy) through
-# plain path lines in a .pth: .venv's site-packages directories, not the source tree; the .pth files inside
-# them (.venv's editable fused_attn) are not processed from there.
+# plain path lines in a .pth: .venv's site-packages directories (which lie inside the clone, .venv being
+# there), never the source tree itself; the .pth files inside them (.venv's editable fused_attn) are not
+# processed from there, so only the wheel provides fused_attn (wheel_smoke.py checks where it came from).
 base=$("$VPY" -c 'import sys; print(sys.base_prefix)')/bin/python3
 "$base" -m venv --without-pip "$out/venv"
 site_new=$("$out/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -30,7 +31,7 @@ import os, sys
 repo = os.path.realpath(sys.argv[1])
 for p in sys.path:
     real = os.path.realpath(p) if p else ""
-    if ("site-packages" in p or "dist-packages" in p) and not (real + os.sep).startswith(repo + os.sep):
+    if ("site-packages" in p or "dist-packages" in p) and real != repo:
         print(p)
 PY
 "$VPY" -m pip --python "$out/venv/bin/python" install --no-deps --no-index --quiet "$wheel"
