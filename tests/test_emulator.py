@@ -1,9 +1,10 @@
 """The CUDA kernels under the host emulator (tests/emu), a subset of the full matrix that CI runs on every
-change: each kernel family (mma.sync, Hopper wgmma/TMA, fp32/fp64), forward and both backward modes, one
-head dim each, a few cases that between them cover ragged tiles, GQA, strided K/V, rows that see nothing,
-block-sparse full / partial / empty tiles, and (Hopper) rings that wrap several times; plus two injected
-bugs the emulator must report. No GPU needed; each test builds its binary (tens of seconds) and runs it.
-The whole matrix: python3 tests/emu/run_all.py (tests/emu/README.md)."""
+change: each kernel family (mma.sync, Hopper wgmma/TMA, fp32/fp64, split-KV decode), forward and both
+backward modes, one head dim each, a few cases that between them cover ragged tiles, GQA, strided K/V, rows
+that see nothing, block-sparse full / partial / empty tiles, softcap / ALiBi, packed batches, paged caches
+and (Hopper) rings that wrap several times; plus two injected bugs the emulator must report. No GPU needed;
+each test builds its binary (tens of seconds) and runs it. The whole matrix: python3 tests/emu/run_all.py
+(tests/emu/README.md)."""
 from __future__ import annotations
 
 import pathlib
@@ -30,9 +31,9 @@ pytestmark = [pytest.mark.slow,
 
 SUBSETS = {
     # family, dtype, head dim, cases (substrings of emu_main.cpp's case names)
-    "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial,mods_varlen_causal"),
+    "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial,mods_varlen_causal,decode_paged16_split3_softcap"),
     "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods"),
-    "generic": ("generic", "fp32", 64, "dense,sparse_causal"),
+    "generic": ("generic", "fp32", 64, "dense,sparse_causal,decode_mqa_window_split4"),
 }
 
 
@@ -47,9 +48,12 @@ def test_kernels_under_emulator(subset):
     assert m is not None, f"no summary from run_all.py (exit {r.returncode}):\n{tail}"
     passed, failed = int(m.group(1)), int(m.group(2))
     assert failed == 0 and r.returncode == 0, f"{failed} emulator runs failed:\n{tail}"
-    # Every case runs forward + backward (two modes for the tensor-core families): nothing skipped.
+    # Every case runs forward + backward (two modes for the tensor-core families), a decode case its one
+    # forward pass (split kernel + combine): nothing skipped.
     per_case = 2 if family == "generic" else 3
-    assert passed == per_case * len(cases.split(",")), f"expected every case to run:\n{tail}"
+    names = cases.split(",")
+    want = sum(1 if n.startswith("decode") else per_case for n in names)
+    assert passed == want, f"expected every case to run ({want} units):\n{tail}"
 
 
 @pytest.mark.parametrize("bug", ["wrong swizzle", "missing fence.proxy.async before the TMA store"])
