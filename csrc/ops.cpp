@@ -148,26 +148,36 @@ void check_tiles(const AttnParams& p, int64_t tq, int64_t tk, const char* kernel
                     ")");
 }
 
-AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t wl,
-                       int64_t wr) {
+// The fields every op fills alike: data pointers, sizes, (b, h, s) strides, scale and window.
+struct Dims {
+  int64_t batch, hq, hk, sq, sk, d;
+};
+AttnParams common_params(const Tensor& q, const Tensor& k, const Tensor& v, const Dims& n, Strides qs,
+                         Strides ks, Strides vs, double scale, int64_t wl, int64_t wr) {
   TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
   AttnParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.batch = q.size(0);
-  p.hq = q.size(1);
-  p.hk = k.size(1);
-  p.sq = q.size(2);
-  p.sk = k.size(2);
-  p.d = q.size(3);
-  p.q_st = strides_of(q);
-  p.k_st = strides_of(k);
-  p.v_st = strides_of(v);
+  p.batch = n.batch;
+  p.hq = n.hq;
+  p.hk = n.hk;
+  p.sq = n.sq;
+  p.sk = n.sk;
+  p.d = n.d;
+  p.q_st = qs;
+  p.k_st = ks;
+  p.v_st = vs;
   p.scale = scale;
   p.window_left = wl;
   p.window_right = wr;
   return p;
+}
+
+AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t wl,
+                       int64_t wr) {
+  return common_params(q, k, v, {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)},
+                       strides_of(q), strides_of(k), strides_of(v), scale, wl, wr);
 }
 
 at::ScalarType lse_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -254,23 +264,10 @@ void check_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 
 AttnParams varlen_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
                          const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t wl, int64_t wr) {
-  TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
-  AttnParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.batch = cu_q.size(0) - 1;
-  p.hq = q.size(1);
-  p.hk = k.size(1);
-  p.sq = max_q;
-  p.sk = max_k;
-  p.d = q.size(2);
-  p.q_st = {0, q.stride(1), q.stride(0)};
-  p.k_st = {0, k.stride(1), k.stride(0)};
-  p.v_st = {0, v.stride(1), v.stride(0)};
-  p.scale = scale;
-  p.window_left = wl;
-  p.window_right = wr;
+  // Packed (total, H, D): batch stride 0, sequence b's rows found through cu_seqlens.
+  AttnParams p = common_params(q, k, v, {cu_q.size(0) - 1, q.size(1), k.size(1), max_q, max_k, q.size(2)},
+                               {0, q.stride(1), q.stride(0)}, {0, k.stride(1), k.stride(0)},
+                               {0, v.stride(1), v.stride(0)}, scale, wl, wr);
   p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
   p.total_q = q.size(0);
@@ -513,34 +510,18 @@ void kvcache_append(const Tensor& kc, const Tensor& vc, const Tensor& seqlens, c
 AttnParams kvcache_params(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& seqlens,
                           const std::optional<Tensor>& block_table, const KvCall& c, double scale, int64_t wl,
                           int64_t wr) {
-  TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
-  AttnParams p;
-  p.q = q.data_ptr();
-  p.k = kc.data_ptr();
-  p.v = vc.data_ptr();
-  p.batch = q.size(0);
-  p.hq = q.size(1);
-  p.sq = q.size(2);
-  p.d = q.size(3);
-  p.sk = c.capacity;
-  p.q_st = strides_of(q);
-  p.scale = scale;
-  p.window_left = wl;
-  p.window_right = wr;
+  // Paged pool (num_pages, page_size, Hk, D): (page, head, slot) strides, pages found through block_table.
+  const Strides ks = c.paged ? Strides{kc.stride(0), kc.stride(2), kc.stride(1)} : strides_of(kc);
+  const Strides vs = c.paged ? Strides{vc.stride(0), vc.stride(2), vc.stride(1)} : strides_of(vc);
+  AttnParams p = common_params(q, kc, vc, {q.size(0), q.size(1), kc.size(c.paged ? 2 : 1), q.size(2), c.capacity,
+                                           q.size(3)}, strides_of(q), ks, vs, scale, wl, wr);
   p.seqlens_k = seqlens.data_ptr<int32_t>();
   p.seqlens_k_add = c.s_new;
   if (c.paged) {
-    p.hk = kc.size(2);
-    p.k_st = {kc.stride(0), kc.stride(2), kc.stride(1)};
-    p.v_st = {vc.stride(0), vc.stride(2), vc.stride(1)};
     p.block_table = block_table->data_ptr<int32_t>();
     p.block_table_b = block_table->stride(0);
     p.page_size = c.page_size;
     p.num_pages = kc.size(0);
-  } else {
-    p.hk = kc.size(1);
-    p.k_st = strides_of(kc);
-    p.v_st = strides_of(vc);
   }
   return p;
 }
