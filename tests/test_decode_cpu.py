@@ -91,6 +91,40 @@ def test_splits_and_threads(dtype, num_splits, threads):
         assert_rule("lse", lse, ref_lse, base_lse, dtype)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size,hk,sq", [(16, 8, 1), (64, 8, 1), (64, 4, 3), (16, 6, 2)])
+def test_paged_tasks_over_every_kv_head(dtype, page_size, hk, sq):
+    """A slot-major paged pool (num_pages, page_size, Hk, D) is read by tasks that take several kv heads (Hk 8:
+    all of them at G = 4; Hk 6: a divisor), in key blocks sized by bytes (16 to 64 keys) that straddle pages
+    or end inside one, with automatic and forced splits and ALiBi (a per-head modifier, so the heads of a task
+    must each get their own): against float64, and the same as the (num_pages, Hk, page_size, D) pool passed
+    as .transpose(1, 2) (one head per task)."""
+    b, d, s_max = 3, 40, 900
+    hq = 4 * hk
+    lens = [897, 130, 515]
+    kc, vc, bt, k_full, v_full = make_cache(b, hk, d, lens, s_max, page_size=page_size, dtype=dtype,
+                                            seed=page_size + hk)
+    q = torch.randn(b, hq, sq, d, dtype=torch.float64).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    slopes = torch.linspace(0.01, 0.3, hq, dtype=torch.float32)
+    kt = kc.transpose(1, 2).contiguous().transpose(1, 2)
+    vt = vc.transpose(1, 2).contiguous().transpose(1, 2)
+    for kw in (dict(causal=True), dict(num_splits=3, alibi_slopes=slopes)):
+        out, lse = fused_attn.flash_kvcache(q, kc, vc, sl, block_table=bt, return_lse=True, **kw)
+        other, other_lse = fused_attn.flash_kvcache(q, kt, vt, sl, block_table=bt, return_lse=True, **kw)
+        ref_kw = {key: val for key, val in kw.items() if key != "num_splits"}
+        ref_out, ref_lse = reference_over(q.double(), k_full.double(), v_full.double(), lens, **ref_kw)
+        if dtype == torch.float64:
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+            torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-10)
+        else:
+            base_out, base_lse = _same_dtype(q, k_full, v_full, lens, **ref_kw)
+            assert_rule("out", out, ref_out, base_out, dtype)
+            assert_rule("lse", lse, ref_lse, base_lse, dtype)
+        torch.testing.assert_close(out, other, rtol=0, atol=1e-10 if dtype == torch.float64 else 1e-5)
+
+
 def test_fp16_conversion_in_registers():
     """The cache's fp16 values are converted exactly by integer ops: subnormals, the largest finite value,
     signed zeros. A value that turns a score into inf shows as NaN / inf like in the reference."""
