@@ -104,7 +104,7 @@ def extensions():
     hds = selection("FUSED_ATTN_HEAD_DIMS", HEAD_DIMS, int)
     dts = selection("FUSED_ATTN_DTYPES", DTYPES)
     gen = [f"csrc/cuda/generated/{p}_{d}_hd{h}.cu" for p in ("fwd", "bwd") for d in dts for h in hds]
-    sources += ["csrc/cuda/launch.cu", "csrc/cuda/generic.cu"] + gen
+    sources += ["csrc/cuda/launch.cu", "csrc/cuda/generic.cu", "csrc/cuda/linear.cu"] + gen
     log(f"archs {archs}; tensor-core head dims {hds}; dtypes {dts}; {len(gen)} generated files")
     defs = ["-DFA_WITH_CUDA", f'-DFA_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=--warn-on-spills", "--expt-relaxed-constexpr",

@@ -38,6 +38,8 @@ struct LinearParams {
   void* dv = nullptr;
   void* ds0 = nullptr;
   void* dz0 = nullptr;
+  // CUDA fp32 / fp64 kernels only: float64 scratch of (B, H, Dk, Dv) for the running state.
+  void* work = nullptr;
 
   int64_t batch = 0, heads = 0, sq = 0, sk = 0, dk_dim = 0, dv_dim = 0;
   Strides q_st, k_st, v_st, o_st, do_st, dq_st, dk_st, dv_st;
