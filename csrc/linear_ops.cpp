@@ -247,8 +247,8 @@ void check_cuda_dims(const Tensor& q, const Tensor& v) {
                     mx, ", got Dk = ", q.size(3), " and Dv = ", v.size(3));
 }
 
-// fp16 / bf16 with Dk, Dv multiples of 8 <= 128: the tensor-core forward on the inputs as they are. Everything
-// else (and every backward) on the fp32 / fp64 kernels, fp16 / bf16 upcast to fp32 around them.
+// fp16 / bf16 with Dk, Dv multiples of 8 <= 128: the tensor-core kernels on the inputs as they are. Everything
+// else on the fp32 / fp64 kernels, fp16 / bf16 (other head dims) upcast to fp32 around them.
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
                                                            const Tensor& v_in, const std::optional<Tensor>& s0_in,
                                                            const std::optional<Tensor>& z0_in, bool causal,
@@ -312,8 +312,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cuda(
   TORCH_CHECK_VALUE(den_in.dim() == 3 && den_in.size(0) == b && den_in.size(1) == h && den_in.size(2) == sq &&
                         den_in.scalar_type() == sd,
                     "den: expected ", sd, " of shape (B, H, Sq), got ", lin_shape(den_in));
-  const Tensor q = compute(q_in), k = compute(k_in), v = compute(v_in);
+  const bool tc = (q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16) &&
+                  linear_tc_fits(dk, dv);
+  const Tensor q = tc ? rows_aligned16(q_in) : compute(q_in);
+  const Tensor k = tc ? rows_aligned16(k_in) : compute(k_in);
+  const Tensor v = tc ? rows_aligned16(v_in) : compute(v_in);
   const auto ct = q.scalar_type();
+  // Contiguous: 16-byte aligned rows for the tensor cores (an expanded scalar gradient has stride 0).
   const Tensor dout = dout_in.to(ct).contiguous();
   const Tensor out = out_in.to(ct).contiguous();
   const Tensor den = den_in.contiguous();
@@ -340,8 +345,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cuda(
     dz = dz_in->contiguous();
     p.dz_out = dz.data_ptr();
   }
-  Tensor work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));
-  p.work = work.data_ptr();
+  Tensor work;
+  if (!tc) {
+    work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));
+    p.work = work.data_ptr();
+  }
   p.dout = dout.data_ptr();
   p.do_st = strides4(dout);
   p.o = const_cast<void*>(out.data_ptr());
@@ -355,7 +363,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cuda(
   p.dv_st = strides4(dv_t);
   p.ds0 = ds0.data_ptr();
   p.dz0 = dz0.data_ptr();
-  linear_cuda_bwd(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream());
+  linear_cuda_bwd(p, tc ? dtype_of(q) : kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream());
   return {dq.to(back), dk_t.to(back), dv_t.to(back), ds0, dz0};
 }
 

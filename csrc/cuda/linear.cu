@@ -1,5 +1,6 @@
 // Host launch of the linear-attention CUDA kernels (linear_kernel.cuh). The handful of instantiations
-// lives here, in one file: tensor-core forward <fp16, bf16> x HD <64, 128>, generic <float, double>.
+// lives here, in one file: tensor-core forward, dq and dk/dv <fp16, bf16> x HD <64, 128>, generic forward,
+// dq and dk/dv <float, double>.
 #include <stdexcept>
 #include <string>
 
@@ -20,18 +21,28 @@ unsigned grid_of(const LinearParams& p, const std::string& where) {
   return static_cast<unsigned>(n);
 }
 
-template <typename Elem, int HD>
-void tc_fwd(const LinearParams& p, cudaStream_t stream) {
-  using C = lin::TcCfg<HD>;
-  const std::string where = "fused_attn linear forward (tensor cores, HD " + std::to_string(HD) + ")";
-  auto kernel = lin::lin_tc_fwd_kernel<Elem, HD>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+template <typename Kernel>
+void launch_tc(Kernel kernel, int smem, const LinearParams& p, cudaStream_t stream, const std::string& where) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess)
-    throw std::runtime_error(where + ": cannot get " + std::to_string(C::kSmem) + " bytes of shared memory: " +
+    throw std::runtime_error(where + ": cannot get " + std::to_string(smem) + " bytes of shared memory: " +
                              cudaGetErrorString(err));
   const unsigned grid = grid_of(p, where);
-  kernel<<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  kernel<<<grid, lin::TcCfg<128>::kThreads, smem, stream>>>(p);
   check_launch(where);
+}
+
+template <typename Elem, int HD>
+void tc_fwd(const LinearParams& p, cudaStream_t stream) {
+  launch_tc(lin::lin_tc_fwd_kernel<Elem, HD>, lin::TcCfg<HD>::kSmemFwd, p, stream,
+            "fused_attn linear forward (tensor cores, HD " + std::to_string(HD) + ")");
+}
+
+template <typename Elem, int HD>
+void tc_bwd(const LinearParams& p, cudaStream_t stream) {
+  const std::string where = "fused_attn linear backward (tensor cores, HD " + std::to_string(HD) + ")";
+  launch_tc(lin::lin_tc_dq_kernel<Elem, HD>, lin::TcCfg<HD>::kSmemBwd, p, stream, where);
+  launch_tc(lin::lin_tc_dkdv_kernel<Elem, HD>, lin::TcCfg<HD>::kSmemBwd, p, stream, where);
 }
 
 size_t generic_smem(const LinearParams& p) { return static_cast<size_t>(3 * p.dk_dim + 3 * p.dv_dim) * sizeof(double); }
@@ -55,6 +66,32 @@ void generic_bwd(const LinearParams& p, cudaStream_t stream) {
   check_launch(where);
 }
 
+// fp16 / bf16 on tensor cores at HD 64 (both dims <= 64) or 128.
+template <template <typename, int> class Run>
+void tc_dispatch(const LinearParams& p, DType dt, cudaStream_t stream, const char* what) {
+  if (!linear_tc_fits(p.dk_dim, p.dv_dim))
+    throw std::invalid_argument(std::string(what) + ": tensor-core path needs Dk, Dv multiples of 8 <= 128, got " +
+                                std::to_string(p.dk_dim) + ", " + std::to_string(p.dv_dim));
+  const bool small = p.dk_dim <= 64 && p.dv_dim <= 64;
+  if (dt == DType::f16)
+    small ? Run<__half, 64>::go(p, stream) : Run<__half, 128>::go(p, stream);
+  else
+    small ? Run<__nv_bfloat16, 64>::go(p, stream) : Run<__nv_bfloat16, 128>::go(p, stream);
+}
+template <typename Elem, int HD>
+struct RunFwd {
+  static void go(const LinearParams& p, cudaStream_t s) { tc_fwd<Elem, HD>(p, s); }
+};
+template <typename Elem, int HD>
+struct RunBwd {
+  static void go(const LinearParams& p, cudaStream_t s) { tc_bwd<Elem, HD>(p, s); }
+};
+
+void check_generic(const LinearParams& p, const char* what) {
+  if (p.dk_dim > lin::kGenericMaxD || p.dv_dim > lin::kGenericMaxD)
+    throw std::invalid_argument(std::string(what) + ": Dk, Dv must be <= " + std::to_string(lin::kGenericMaxD));
+}
+
 }  // namespace
 
 bool linear_tc_fits(int64_t dk, int64_t dv) { return dk % 8 == 0 && dv % 8 == 0 && dk <= 128 && dv <= 128; }
@@ -63,30 +100,16 @@ int64_t linear_generic_max_d() { return lin::kGenericMaxD; }
 
 void linear_cuda_fwd(const LinearParams& p, DType dt, cudaStream_t stream) {
   if (p.batch * p.heads == 0) return;
-  if (dt == DType::f16 || dt == DType::bf16) {
-    if (!linear_tc_fits(p.dk_dim, p.dv_dim))
-      throw std::invalid_argument("linear_cuda_fwd: tensor-core path needs Dk, Dv multiples of 8 <= 128, got " +
-                                  std::to_string(p.dk_dim) + ", " + std::to_string(p.dv_dim));
-    const bool small = p.dk_dim <= 64 && p.dv_dim <= 64;
-    if (dt == DType::f16)
-      small ? tc_fwd<__half, 64>(p, stream) : tc_fwd<__half, 128>(p, stream);
-    else
-      small ? tc_fwd<__nv_bfloat16, 64>(p, stream) : tc_fwd<__nv_bfloat16, 128>(p, stream);
-    return;
-  }
-  if (p.dk_dim > lin::kGenericMaxD || p.dv_dim > lin::kGenericMaxD)
-    throw std::invalid_argument("linear_cuda_fwd: Dk, Dv must be <= " + std::to_string(lin::kGenericMaxD));
+  if (dt == DType::f16 || dt == DType::bf16) return tc_dispatch<RunFwd>(p, dt, stream, "linear_cuda_fwd");
+  check_generic(p, "linear_cuda_fwd");
   if (dt == DType::f32) generic_fwd<float>(p, stream);
   else generic_fwd<double>(p, stream);
 }
 
 void linear_cuda_bwd(const LinearParams& p, DType dt, cudaStream_t stream) {
   if (p.batch * p.heads == 0) return;
-  if (dt != DType::f32 && dt != DType::f64)
-    throw std::invalid_argument("linear_cuda_bwd: dtype " + std::to_string(static_cast<int>(dt)) +
-                                " is not supported; expected f32 or f64 (the caller upcasts fp16/bf16)");
-  if (p.dk_dim > lin::kGenericMaxD || p.dv_dim > lin::kGenericMaxD)
-    throw std::invalid_argument("linear_cuda_bwd: Dk, Dv must be <= " + std::to_string(lin::kGenericMaxD));
+  if (dt == DType::f16 || dt == DType::bf16) return tc_dispatch<RunBwd>(p, dt, stream, "linear_cuda_bwd");
+  check_generic(p, "linear_cuda_bwd");
   if (dt == DType::f32) generic_bwd<float>(p, stream);
   else generic_bwd<double>(p, stream);
 }

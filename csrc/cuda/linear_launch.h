@@ -10,7 +10,7 @@
 
 namespace fused_attn {
 
-// Whether the fp16 / bf16 forward runs on tensor cores for these head dims (else the caller upcasts to
+// Whether fp16 / bf16 run on tensor cores for these head dims (else the caller upcasts to
 // fp32 and runs the generic kernels).
 bool linear_tc_fits(int64_t dk, int64_t dv);
 // Largest Dk / Dv of the generic (fp32 / fp64) kernels.
@@ -19,7 +19,7 @@ int64_t linear_generic_max_d();
 // Forward. dt f16 / bf16: tensor cores (linear_tc_fits must hold, rows 16-byte aligned; den, s0/z0, s_out,
 // z_out float32). dt f32 / f64: generic, needs p.work (float64, B*H*Dk*Dv).
 void linear_cuda_fwd(const LinearParams& p, DType dt, cudaStream_t stream);
-// Backward, dt f32 / f64 only (generic), needs p.work as the forward.
+// Backward: dt f16 / bf16 on tensor cores (as the forward; dout, out contiguous), f32 / f64 generic with p.work.
 void linear_cuda_bwd(const LinearParams& p, DType dt, cudaStream_t stream);
 
 }  // namespace fused_attn
