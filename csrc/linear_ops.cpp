@@ -19,6 +19,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cuda_runtime_api.h>
+
+#include <cstdlib>
+
 #include "cuda/linear_launch.h"
 #endif
 
@@ -241,6 +245,41 @@ Tensor rows_aligned16(const Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// Segments of the tensor-core kernels' two-level scan: enough (batch x head, segment) blocks for two per SM,
+// each segment at least two 64-row chunks (a segment costs one extra pass over its keys for its sum); 1
+// when batch x head alone fill the GPU. FUSED_ATTN_LINEAR_SEGMENTS=n forces n (tests), clamped to the chunks.
+int64_t sm_count(int device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  return n;
+}
+
+int64_t pick_segments(int64_t bh, int64_t rows, int device) {
+  const int64_t nch = (rows + 63) / 64;
+  int64_t n;
+  if (const char* env = std::getenv("FUSED_ATTN_LINEAR_SEGMENTS")) {
+    n = std::atoll(env);
+  } else {
+    const int64_t sms = sm_count(device);
+    n = bh >= 2 * sms ? 1 : std::min((2 * sms + bh - 1) / bh, nch / 2);
+  }
+  n = std::min<int64_t>(std::min<int64_t>(n, nch), 65535);
+  return (n < 2 || bh > 65535) ? 1 : n;
+}
+
+// Allocates the scan's slots when p.segments > 1.
+Tensor set_segments(LinearParams& p, const Tensor& q) {
+  p.segments = pick_segments(p.batch * p.heads, std::max(p.sq, p.sk), q.device().index());
+  if (p.segments == 1) return Tensor();
+  Tensor t = at::empty({p.batch * p.heads * (p.segments + 1) * (p.dk_dim * p.dv_dim + 2 * p.dk_dim)},
+                       q.options().dtype(at::kFloat));
+  p.seg_state = t.data_ptr();
+  return t;
+}
+
 void check_cuda_dims(const Tensor& q, const Tensor& v) {
   const int64_t mx = linear_generic_max_d();
   TORCH_CHECK_VALUE(q.size(3) <= mx && v.size(3) <= mx, "q, v: the CUDA linear-attention kernels take head dims <= ",
@@ -283,6 +322,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_cuda(const Tensor& q_in, c
   if (!tc) {
     work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));
     p.work = work.data_ptr();
+  } else {
+    work = set_segments(p, q);
   }
   p.o = out.data_ptr();
   p.o_st = strides4(out);
@@ -349,6 +390,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cuda(
   if (!tc) {
     work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));
     p.work = work.data_ptr();
+  } else {
+    work = set_segments(p, q);
   }
   p.dout = dout.data_ptr();
   p.do_st = strides4(dout);

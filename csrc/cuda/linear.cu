@@ -27,21 +27,46 @@ void launch_tc(Kernel kernel, int smem, const LinearParams& p, cudaStream_t stre
   if (err != cudaSuccess)
     throw std::runtime_error(where + ": cannot get " + std::to_string(smem) + " bytes of shared memory: " +
                              cudaGetErrorString(err));
-  const unsigned grid = grid_of(p, where);
+  const dim3 grid(grid_of(p, where), static_cast<unsigned>(p.segments));
   kernel<<<grid, lin::TcCfg<128>::kThreads, smem, stream>>>(p);
   check_launch(where);
 }
 
+// The segment sums (keys or queries) and their scan from (init_s, init_z); the total to out_s / out_z.
+template <typename Elem, int HD, bool kQueries>
+void seg_scan(const LinearParams& p, cudaStream_t stream, const std::string& where, const void* init_s,
+              const void* init_z, bool reverse, void* out_s, void* out_z, bool zx) {
+  launch_tc(lin::lin_tc_segsum_kernel<Elem, HD, kQueries>, lin::TcCfg<HD>::kSmemBwd, p, stream, where);
+  const int64_t slot = p.dk_dim * p.dv_dim + 2 * p.dk_dim;
+  const dim3 grid(static_cast<unsigned>((slot + 255) / 256), static_cast<unsigned>(p.batch * p.heads));
+  lin::lin_scan_kernel<<<grid, 256, 0, stream>>>(p, static_cast<const float*>(init_s),
+                                                 static_cast<const float*>(init_z), reverse, static_cast<float*>(out_s),
+                                                 static_cast<float*>(out_z), zx);
+  check_launch(where);
+}
+
+void check_segments(const LinearParams& p, const std::string& where) {
+  if (p.segments < 1 || p.segments > 65535 || (p.segments > 1 && (!p.seg_state || p.batch * p.heads > 65535)))
+    throw std::invalid_argument(where + ": segments = " + std::to_string(p.segments) +
+                                ", expected 1, or 2 .. 65535 with seg_state and batch * heads <= 65535");
+}
+
 template <typename Elem, int HD>
 void tc_fwd(const LinearParams& p, cudaStream_t stream) {
-  launch_tc(lin::lin_tc_fwd_kernel<Elem, HD>, lin::TcCfg<HD>::kSmemFwd, p, stream,
-            "fused_attn linear forward (tensor cores, HD " + std::to_string(HD) + ")");
+  const std::string where = "fused_attn linear forward (tensor cores, HD " + std::to_string(HD) + ")";
+  check_segments(p, where);
+  if (p.segments > 1) seg_scan<Elem, HD, false>(p, stream, where, p.s0, p.z0, false, p.s_out, p.z_out, false);
+  launch_tc(lin::lin_tc_fwd_kernel<Elem, HD>, lin::TcCfg<HD>::kSmemFwd, p, stream, where);
 }
 
 template <typename Elem, int HD>
 void tc_bwd(const LinearParams& p, cudaStream_t stream) {
   const std::string where = "fused_attn linear backward (tensor cores, HD " + std::to_string(HD) + ")";
+  check_segments(p, where);
+  // The dq pass's scan and the dk/dv pass's scan share seg_state: stream order keeps them apart.
+  if (p.segments > 1) seg_scan<Elem, HD, false>(p, stream, where, p.s0, p.z0, false, nullptr, nullptr, false);
   launch_tc(lin::lin_tc_dq_kernel<Elem, HD>, lin::TcCfg<HD>::kSmemBwd, p, stream, where);
+  if (p.segments > 1) seg_scan<Elem, HD, true>(p, stream, where, p.ds_out, p.dz_out, true, p.ds0, p.dz0, true);
   launch_tc(lin::lin_tc_dkdv_kernel<Elem, HD>, lin::TcCfg<HD>::kSmemBwd, p, stream, where);
 }
 

@@ -265,6 +265,17 @@ __device__ __forceinline__ void load_chunk(char* tile, const Elem* base, int64_t
                                                                     tid);
 }
 
+// Two-level scan over segments of chunks (p.segments > 1): lin_tc_segsum_kernel writes each segment's
+// contribution to its slot, lin_scan_kernel turns the slots into the state entering each segment (in scan
+// order, from the initial state) and slot nseg into the total, and the main kernels run one block per
+// (batch x head, segment) from its slot. A slot is S (Dk x Dv), z (Dk) and a second vector (Dk, the dkdv
+// pass's fp32-dd g), fp32.
+__device__ __forceinline__ int64_t seg_begin(int64_t s, int64_t nseg, int64_t nch) { return s * nch / nseg; }
+__device__ __forceinline__ int64_t slot_floats(const LinearParams& p) { return p.dk_dim * p.dv_dim + 2 * p.dk_dim; }
+__device__ __forceinline__ float* seg_slot(const LinearParams& p, int64_t bh, int64_t s) {
+  return static_cast<float*>(p.seg_state) + (bh * (p.segments + 1) + s) * slot_floats(p);
+}
+
 // Writes this warp's 16 rows of an accumulator o (columns < d) to rows i0 + .. of dst (rows < n), each
 // element times mul(r, col) (r: the row within the chunk).
 template <typename Elem, int HD, typename Mul>
@@ -295,7 +306,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_fwd_kernel(cons
   extern __shared__ __align__(128) char smem[];
   const int tid = threadIdx.x;
   const TcWarp<Elem, HD> W(tid);
-  const int64_t bh = blockIdx.x;
+  const int64_t bh = blockIdx.x, seg = blockIdx.y, nseg = p.segments;
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int dk = static_cast<int>(p.dk_dim), dv = static_cast<int>(p.dv_dim);
   char* cQ = smem;
@@ -309,8 +320,13 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_fwd_kernel(cons
   const Elem* vg = static_cast<const Elem*>(p.v) + p.v_st.at(b, h, 0);
   const float scale = static_cast<float>(p.scale);
   const float eps = static_cast<float>(p.eps);
-  init_state<HD>(sS, sZ, p.s0 ? static_cast<const float*>(p.s0) + bh * dk * dv : nullptr,
-                 p.z0 ? static_cast<const float*>(p.z0) + bh * dk : nullptr, dk, dv, tid);
+  if (nseg > 1) {
+    const float* sl = seg_slot(p, bh, p.causal ? seg : nseg);
+    init_state<HD>(sS, sZ, sl, sl + dk * dv, dk, dv, tid);
+  } else {
+    init_state<HD>(sS, sZ, p.s0 ? static_cast<const float*>(p.s0) + bh * dk * dv : nullptr,
+                   p.z0 ? static_cast<const float*>(p.z0) + bh * dk : nullptr, dk, dv, tid);
+  }
 
   // This warp's 16 rows of the query chunk in cQ (n valid rows, first row i0): o (the intra part, row sums
   // dsum) + Qf S, divided by den, written to out and den.
@@ -342,7 +358,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_fwd_kernel(cons
   if (p.causal) {
     const int64_t nch = (p.sq + C::kC - 1) / C::kC;
 #pragma unroll 1
-    for (int64_t c = 0; c < nch; ++c) {
+    for (int64_t c = seg_begin(seg, nseg, nch); c < seg_begin(seg + 1, nseg, nch); ++c) {
       const int64_t i0 = c * C::kC;
       const int n = static_cast<int>(p.sq - i0 < C::kC ? p.sq - i0 : C::kC);
       load_chunk<Elem, HD>(cQ, qg, p.q_st.s, i0, n, dk, tid);
@@ -381,7 +397,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_fwd_kernel(cons
       __syncthreads();  // the state is complete, and Q / K / V may be refilled
     }
   } else {
-    const int64_t nk = (p.sk + C::kC - 1) / C::kC;
+    const int64_t nk = nseg > 1 ? 0 : (p.sk + C::kC - 1) / C::kC;  // segments: the scan made the total
 #pragma unroll 1
     for (int64_t c = 0; c < nk; ++c) {
       const int64_t j0 = c * C::kC;
@@ -399,7 +415,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_fwd_kernel(cons
     }
     const int64_t nq = (p.sq + C::kC - 1) / C::kC;
 #pragma unroll 1
-    for (int64_t c = 0; c < nq; ++c) {
+    for (int64_t c = seg_begin(seg, nseg, nq); c < seg_begin(seg + 1, nseg, nq); ++c) {
       const int64_t i0 = c * C::kC;
       const int n = static_cast<int>(p.sq - i0 < C::kC ? p.sq - i0 : C::kC);
       load_chunk<Elem, HD>(cQ, qg, p.q_st.s, i0, n, dk, tid);
@@ -416,8 +432,9 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_fwd_kernel(cons
       __syncthreads();  // Q is refilled next
     }
   }
-  store_state<HD>(sS, sZ, static_cast<float*>(p.s_out) + bh * dk * dv, static_cast<float*>(p.z_out) + bh * dk, dk,
-                  dv, tid);
+  if (nseg == 1)  // (with segments the scan writes the final state)
+    store_state<HD>(sS, sZ, static_cast<float*>(p.s_out) + bh * dk * dv, static_cast<float*>(p.z_out) + bh * dk,
+                    dk, dv, tid);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -532,12 +549,17 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dq_kernel(const
   const int tid = threadIdx.x;
   const TcWarp<Elem, HD> W(tid);
   const BwdSmem<Elem, HD> m(smem);
-  const int64_t bh = blockIdx.x;
+  const int64_t bh = blockIdx.x, seg = blockIdx.y, nseg = p.segments;
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int dk = static_cast<int>(p.dk_dim), dv = static_cast<int>(p.dv_dim);
   const float scale = static_cast<float>(p.scale);
-  init_state<HD>(m.sS, m.sZ, p.s0 ? static_cast<const float*>(p.s0) + bh * dk * dv : nullptr,
-                 p.z0 ? static_cast<const float*>(p.z0) + bh * dk : nullptr, dk, dv, tid);
+  if (nseg > 1) {
+    const float* sl = seg_slot(p, bh, p.causal ? seg : nseg);
+    init_state<HD>(m.sS, m.sZ, sl, sl + dk * dv, dk, dv, tid);
+  } else {
+    init_state<HD>(m.sS, m.sZ, p.s0 ? static_cast<const float*>(p.s0) + bh * dk * dv : nullptr,
+                   p.z0 ? static_cast<const float*>(p.z0) + bh * dk : nullptr, dk, dv, tid);
+  }
 
   // dQf += dN P^T + dd z^T for this warp's rows, then dq = dQf phi'(Qf) scale.
   auto emit = [&](int64_t i0, int n, float (&o)[HD / 8][4]) {
@@ -560,7 +582,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dq_kernel(const
   if (p.causal) {
     const int64_t nch = (p.sq + C::kC - 1) / C::kC;
 #pragma unroll 1
-    for (int64_t c = 0; c < nch; ++c) {
+    for (int64_t c = seg_begin(seg, nseg, nch); c < seg_begin(seg + 1, nseg, nch); ++c) {
       const int64_t i0 = c * C::kC;
       const int n = static_cast<int>(p.sq - i0 < C::kC ? p.sq - i0 : C::kC);
       bwd_chunk<Elem, HD>(p, W, m, b, h, i0, n, 1 | 2 | 4 | 8, tid);
@@ -584,7 +606,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dq_kernel(const
       __syncthreads();
     }
   } else {
-    const int64_t nk = (p.sk + C::kC - 1) / C::kC;
+    const int64_t nk = nseg > 1 ? 0 : (p.sk + C::kC - 1) / C::kC;
 #pragma unroll 1
     for (int64_t c = 0; c < nk; ++c) {
       const int64_t j0 = c * C::kC;
@@ -596,7 +618,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dq_kernel(const
     }
     const int64_t nq = (p.sq + C::kC - 1) / C::kC;
 #pragma unroll 1
-    for (int64_t c = 0; c < nq; ++c) {
+    for (int64_t c = seg_begin(seg, nseg, nq); c < seg_begin(seg + 1, nseg, nq); ++c) {
       const int64_t i0 = c * C::kC;
       const int n = static_cast<int>(p.sq - i0 < C::kC ? p.sq - i0 : C::kC);
       bwd_chunk<Elem, HD>(p, W, m, b, h, i0, n, 1 | 8, tid);
@@ -616,13 +638,19 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dkdv_kernel(con
   const int tid = threadIdx.x;
   const TcWarp<Elem, HD> W(tid);
   const BwdSmem<Elem, HD> m(smem);
-  const int64_t bh = blockIdx.x;
+  const int64_t bh = blockIdx.x, seg = blockIdx.y, nseg = p.segments;
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int dk = static_cast<int>(p.dk_dim), dv = static_cast<int>(p.dv_dim);
-  init_state<HD>(m.sS, m.sZ, p.ds_out ? static_cast<const float*>(p.ds_out) + bh * dk * dv : nullptr,
-                 p.dz_out ? static_cast<const float*>(p.dz_out) + bh * dk : nullptr, dk, dv, tid);
   // g twice: sZ from the rounded dd (for dk, consistent with G), sZx from the fp32 dd (the dz0 output).
-  for (int a = tid; a < HD; a += C::kThreads) m.sZx[a] = (p.dz_out && a < dk) ? static_cast<const float*>(p.dz_out)[bh * dk + a] : 0.f;
+  if (nseg > 1) {
+    const float* sl = seg_slot(p, bh, p.causal ? seg : nseg);
+    init_state<HD>(m.sS, m.sZ, sl, sl + dk * dv, dk, dv, tid);
+  } else {
+    init_state<HD>(m.sS, m.sZ, p.ds_out ? static_cast<const float*>(p.ds_out) + bh * dk * dv : nullptr,
+                   p.dz_out ? static_cast<const float*>(p.dz_out) + bh * dk : nullptr, dk, dv, tid);
+    for (int a = tid; a < HD; a += C::kThreads)
+      m.sZx[a] = (p.dz_out && a < dk) ? static_cast<const float*>(p.dz_out)[bh * dk + a] : 0.f;
+  }
 
   // This warp's 16 key rows of the chunk in cK / cV (first row j0): dKf, dV from the intra parts (when
   // intra) and the suffix state G, g.
@@ -676,7 +704,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dkdv_kernel(con
   if (p.causal) {
     const int64_t nch = (p.sq + C::kC - 1) / C::kC;
 #pragma unroll 1
-    for (int64_t c = nch - 1; c >= 0; --c) {
+    for (int64_t c = seg_begin(seg + 1, nseg, nch) - 1; c >= seg_begin(seg, nseg, nch); --c) {
       const int64_t i0 = c * C::kC;
       const int n = static_cast<int>(p.sq - i0 < C::kC ? p.sq - i0 : C::kC);
       bwd_chunk<Elem, HD>(p, W, m, b, h, i0, n, 1 | 2 | 4 | 8, tid);
@@ -688,7 +716,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dkdv_kernel(con
       __syncthreads();
     }
   } else {
-    const int64_t nq = (p.sq + C::kC - 1) / C::kC;
+    const int64_t nq = nseg > 1 ? 0 : (p.sq + C::kC - 1) / C::kC;
 #pragma unroll 1
     for (int64_t c = 0; c < nq; ++c) {
       const int64_t i0 = c * C::kC;
@@ -701,7 +729,7 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dkdv_kernel(con
     }
     const int64_t nk = (p.sk + C::kC - 1) / C::kC;
 #pragma unroll 1
-    for (int64_t c = 0; c < nk; ++c) {
+    for (int64_t c = seg_begin(seg, nseg, nk); c < seg_begin(seg + 1, nseg, nk); ++c) {
       const int64_t j0 = c * C::kC;
       const int n = static_cast<int>(p.sk - j0 < C::kC ? p.sk - j0 : C::kC);
       bwd_chunk<Elem, HD>(p, W, m, b, h, j0, n, 2 | 4, tid);
@@ -709,8 +737,74 @@ __global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_dkdv_kernel(con
       __syncthreads();
     }
   }
-  store_state<HD>(m.sS, m.sZx, static_cast<float*>(p.ds0) + bh * dk * dv, static_cast<float*>(p.dz0) + bh * dk, dk, dv,
+  if (nseg == 1)
+    store_state<HD>(m.sS, m.sZx, static_cast<float*>(p.ds0) + bh * dk * dv, static_cast<float*>(p.dz0) + bh * dk, dk, dv,
                   tid);
+}
+
+
+// A segment's contribution to the scan state (p.segments > 1), block (batch x head, segment): keys
+// (!kQueries: S += Kf^T V, z += colsum Kf over the segment's key chunks) or queries (kQueries: G += Qf^T dN,
+// g += Qf^T dd with the rounded and with the fp32 dd) into seg_slot(seg).
+template <typename Elem, int HD, bool kQueries>
+__global__ void __launch_bounds__(TcCfg<HD>::kThreads, 1) lin_tc_segsum_kernel(const __grid_constant__ LinearParams p) {
+  using C = TcCfg<HD>;
+  extern __shared__ __align__(128) char smem[];
+  const int tid = threadIdx.x;
+  const TcWarp<Elem, HD> W(tid);
+  const BwdSmem<Elem, HD> m(smem);
+  const int64_t bh = blockIdx.x, seg = blockIdx.y, nseg = p.segments;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int dk = static_cast<int>(p.dk_dim), dv = static_cast<int>(p.dv_dim);
+  init_state<HD>(m.sS, m.sZ, nullptr, nullptr, dk, dv, tid);
+  for (int a = tid; a < HD; a += C::kThreads) m.sZx[a] = 0.f;
+  const int64_t rows = kQueries || p.causal ? p.sq : p.sk;
+  const int64_t nch = (rows + C::kC - 1) / C::kC;
+#pragma unroll 1
+  for (int64_t c = seg_begin(seg, nseg, nch); c < seg_begin(seg + 1, nseg, nch); ++c) {
+    const int64_t i0 = c * C::kC;
+    const int n = static_cast<int>(rows - i0 < C::kC ? rows - i0 : C::kC);
+    __syncthreads();  // the previous chunk's tiles are no longer read
+    bwd_chunk<Elem, HD>(p, W, m, b, h, i0, n, kQueries ? (1 | 8) : (2 | 4), tid);
+    if (kQueries) {
+      W.add_aTb(m.uQ, m.uD, m.sS);
+      add_col_sums<Elem, HD>(m.cQ, n, dk, m.sDD, m.sZ, tid);
+      add_col_sums<Elem, HD>(m.cQ, n, dk, m.sDDx, m.sZx, tid);
+    } else {
+      W.add_aTb(m.uK, m.uV, m.sS);
+      add_col_sums<Elem, HD>(m.cK, n, dk, nullptr, m.sZ, tid);
+    }
+  }
+  __syncthreads();
+  float* sl = seg_slot(p, bh, seg);
+  store_state<HD>(m.sS, m.sZ, sl, sl + dk * dv, dk, dv, tid);
+  for (int a = tid; a < dk; a += C::kThreads) sl[dk * dv + dk + a] = m.sZx[a];
+}
+
+// Exclusive scan of the segment slots, in place, one thread per slot entry of one (batch x head): slot s
+// becomes init + the slots before s in scan order (forward: 0 .. s - 1; reverse: s + 1 .. nseg - 1), slot
+// nseg the total. init: init_s (Dk x Dv) and init_z (Dk, for both vectors), or 0. The total also goes to
+// out_s / out_z when given (out_z from the first vector, or the second when zx).
+__global__ void __launch_bounds__(256) lin_scan_kernel(const __grid_constant__ LinearParams p, const float* init_s,
+                                                       const float* init_z, bool reverse, float* out_s, float* out_z,
+                                                       bool zx) {
+  const int64_t bh = blockIdx.y;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  const int64_t ns = p.dk_dim * p.dv_dim, dk = p.dk_dim;
+  if (e >= slot_floats(p)) return;
+  float acc = 0.f;
+  if (e < ns) acc = init_s ? init_s[bh * ns + e] : 0.f;
+  else acc = init_z ? init_z[bh * dk + (e - ns) % dk] : 0.f;
+  for (int64_t i = 0; i < p.segments; ++i) {
+    const int64_t s = reverse ? p.segments - 1 - i : i;
+    float* x = seg_slot(p, bh, s) + e;
+    const float t = *x;
+    *x = acc;
+    acc += t;
+  }
+  seg_slot(p, bh, p.segments)[e] = acc;
+  if (out_s && e < ns) out_s[bh * ns + e] = acc;
+  if (out_z && e >= ns && (e - ns >= dk) == zx) out_z[bh * dk + (e - ns) % dk] = acc;
 }
 
 // ================================================================================================

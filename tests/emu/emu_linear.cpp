@@ -74,16 +74,19 @@ struct LCase {
   double scale;
   bool state;   // initial state (s0, z0)
   bool dstate;  // gradients of the final state (ds, dz)
+  int segments = 1;  // the tensor-core kernels' two-level scan (LinearParams::segments)
 };
 
 std::vector<LCase> cases() {
   return {
       {"causal_elu1", 1, 2, 97, 97, 64, 64, true, FeatureMap::elu1, true, 1.0, false, false},
-      {"noncausal_relu_sq_ne_sk", 2, 1, 97, 300, 32, 64, false, FeatureMap::relu, true, 0.7, false, true},
-      {"causal_identity_unnorm_dk_ne_dv", 1, 2, 300, 300, 128, 96, true, FeatureMap::identity, false, 0.5, false, true},
+      {"noncausal_relu_sq_ne_sk", 2, 1, 97, 300, 32, 64, false, FeatureMap::relu, true, 0.7, false, true, 2},
+      {"causal_identity_unnorm_dk_ne_dv", 1, 2, 300, 300, 128, 96, true, FeatureMap::identity, false, 0.5, false, true,
+       3},
       {"single", 1, 1, 1, 1, 64, 64, true, FeatureMap::elu1, true, 1.0, false, false},
       {"state_elu1", 1, 2, 130, 130, 64, 128, true, FeatureMap::elu1, true, 0.5, true, true},
-      {"noncausal_elu1_unnorm", 1, 1, 65, 65, 128, 128, false, FeatureMap::elu1, false, 1.0, false, false},
+      {"state_segments", 1, 2, 300, 300, 64, 64, true, FeatureMap::elu1, true, 1.0, true, true, 5},
+      {"noncausal_elu1_unnorm", 1, 1, 65, 65, 128, 128, false, FeatureMap::elu1, false, 1.0, false, false, 2},
       {"odd_d_relu", 1, 2, 97, 97, 59, 40, true, FeatureMap::relu, true, 1.0, true, false},  // generic only
   };
 }
@@ -388,6 +391,12 @@ void run_case(const LCase& c, unsigned seed, Totals& tot) {
   p.s_out = s.data();
   p.z_out = z.data();
   p.work = kTc ? nullptr : work.data();
+  std::vector<float> seg_state;
+  if (kTc && c.segments > 1) {
+    p.segments = c.segments;
+    seg_state.assign(size_t(c.B) * c.H * (c.segments + 1) * (c.Dk * c.Dv + 2 * c.Dk), std::nanf(""));
+    p.seg_state = seg_state.data();
+  }
   auto register_inputs = [&] {
     emu::clear_regions();
     emu::add_region("q", q.v.data(), q.v.size() * sizeof(Elem), false);
@@ -448,6 +457,7 @@ void run_case(const LCase& c, unsigned seed, Totals& tot) {
     g.ds0 = ds0.data();
     g.dz0 = dz0.data();
     std::fill(work.begin(), work.end(), std::nan(""));
+    std::fill(seg_state.begin(), seg_state.end(), std::nanf(""));
     register_bwd(dob.v.data(), dob.v.size() * sizeof(Elem));
     const long e0 = emu::g_errors.load();
     std::string thrown;
