@@ -1,7 +1,8 @@
 """fused_attn.linear_attention on CUDA (csrc/cuda/linear.cu) against the float64 reference under the STYLE.md
-rule: out, the returned state and every gradient; the tensor-core forward (fp16 / bf16, Dk and Dv multiples of 8
-up to 128) and the fp32 / fp64 kernels (every other shape, and every backward); state continuation; fp64
-gradcheck on the CUDA kernels; CPU and CUDA agree. Skipped with a reason where no GPU is present."""
+rule: out, the returned state and every gradient; the tensor-core kernels (fp16 / bf16, Dk and Dv multiples of 8
+up to 128, one block per (batch, head) or the two-level scan over segments) and the fp32 / fp64 kernels (every
+other shape); state continuation; fp64 gradcheck on the CUDA kernels; CPU and CUDA agree. Skipped with a reason
+where no GPU is present."""
 from __future__ import annotations
 
 import pytest
@@ -46,12 +47,16 @@ def check(q, k, v, *, state=None, seed=1, **kw):
         assert_rule(name, a.cpu(), r.cpu(), bse.cpu(), dtype)
 
 
-# Tensor-core forward: both tile widths (HD 64 and 128), Dk != Dv, lengths around the 64-row chunk.
+# Tensor cores: both tile widths (HD 64 and 128), Dk != Dv, lengths around the 64-row chunk; segments as the
+# kernels pick them (B2 H3: many per sequence on a big GPU), one block per sequence, and a forced 3.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("dk,dv", [(64, 64), (32, 64), (128, 96), (64, 128), (8, 8)])
 @pytest.mark.parametrize("s", [1, 97, 1025])
 @pytest.mark.parametrize("causal", [True, False])
-def test_tensor_core(dtype, dk, dv, s, causal):
+@pytest.mark.parametrize("segments", [None, "1", "3"], ids=["seg_auto", "seg1", "seg3"])
+def test_tensor_core(dtype, dk, dv, s, causal, segments, monkeypatch):
+    if segments is not None:
+        monkeypatch.setenv("FUSED_ATTN_LINEAR_SEGMENTS", segments)
     q, k, v = inputs(2, 3, s, dk, dv, dtype=dtype, feature_map="elu1", normalize=True, seed=dk + s)
     check(q, k, v, causal=causal, scale=0.5)
 
@@ -83,7 +88,9 @@ def test_noncausal_cross_lengths(sq, sk, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_initial_state(dtype, normalize):
+@pytest.mark.parametrize("segments", ["1", "2"], ids=["seg1", "seg2"])
+def test_initial_state(dtype, normalize, segments, monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_LINEAR_SEGMENTS", segments)
     q, k, v = inputs(2, 2, 150, 64, 32, dtype=dtype, feature_map="elu1", normalize=normalize)
     g = torch.Generator().manual_seed(9)
     state = (torch.rand(2, 2, 64, 32, generator=g, dtype=torch.float64) * 20,
