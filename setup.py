@@ -7,7 +7,10 @@ Environment variables:
   FUSED_ATTN_CUDA=0              force the CPU-only build
   FUSED_ATTN_HEAD_DIMS=64,128    narrow the tensor-core head dims compiled (default: all)
   FUSED_ATTN_DTYPES=bf16         narrow the tensor-core dtypes compiled (fp16, bf16; default: both)
-  TORCH_CUDA_ARCH_LIST="8.0 9.0" CUDA archs (default 8.0 and 9.0)
+  TORCH_CUDA_ARCH_LIST="8.0 9.0" CUDA archs of the mma.sync family (default 8.0 and 9.0); with 9.0 in it
+                                 the Hopper family (csrc/cuda/sm90/, wgmma/TMA) is built too, for sm_90a
+                                 only (its files get their own nvcc step)
+  FUSED_ATTN_SM90=0              leave the Hopper family out
   MAX_JOBS=N                     parallel compile jobs (torch's ninja build honours it)
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from setuptools import setup
 
 ROOT = pathlib.Path(__file__).resolve().parent
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+SM90_HEAD_DIMS = (64, 128, 256)  # csrc/cuda/sm90/tiles.h
 DTYPES = ("fp16", "bf16")
 
 
@@ -103,22 +107,73 @@ def extensions():
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
     hds = selection("FUSED_ATTN_HEAD_DIMS", HEAD_DIMS, int)
     dts = selection("FUSED_ATTN_DTYPES", DTYPES)
-    gen = [f"csrc/cuda/generated/{p}_{d}_hd{h}.cu" for p in ("fwd", "bwd") for d in dts for h in hds]
-    sources += ["csrc/cuda/launch.cu", "csrc/cuda/generic.cu", "csrc/cuda/linear.cu"] + gen
-    log(f"archs {archs}; tensor-core head dims {hds}; dtypes {dts}; {len(gen)} generated files")
-    defs = ["-DFA_WITH_CUDA", f'-DFA_CUDA_ARCHS="{archs}"']
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=--warn-on-spills", "--expt-relaxed-constexpr",
-            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-    return [cpp_extension.CUDAExtension("fused_attn._C", sources, include_dirs=[str(ROOT / "csrc")],
-                                        extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc + defs},
-                                        extra_link_args=link)]
+    gen = [f"csrc/cuda/generated/{p}_{d}_hd{h}.cu" for p in ("fwd", "bwd", "decode") for d in dts for h in hds]
+    want90 = os.environ.get("FUSED_ATTN_SM90", "1") != "0" and any(
+        a.startswith("9.0") for a in archs.replace(";", " ").split())
+    gen90 = [f"csrc/cuda/generated/sm90_{p}_{d}_hd{h}.cu" for p in ("fwd", "bwd") for d in dts
+             for h in hds if h in SM90_HEAD_DIMS] if want90 else []
+    sources += ["csrc/cuda/launch.cu", "csrc/cuda/generic.cu", "csrc/cuda/decode.cu", "csrc/cuda/sm90/launch.cu",
+                "csrc/cuda/linear.cu"] + gen
+    log(f"archs {archs}; tensor-core head dims {hds}; dtypes {dts}; {len(gen)} generated files; "
+        f"{len(gen90)} sm_90a files")
+    archs_info = archs + (" (+ sm_90a: wgmma/TMA kernels)" if gen90 else "")
+    defs = ["-DFA_WITH_CUDA", f'-DFA_CUDA_ARCHS="{archs_info}"']
+    ext = cpp_extension.CUDAExtension("fused_attn._C", sources, include_dirs=[str(ROOT / "csrc")],
+                                      extra_compile_args={"cxx": cxx + defs, "nvcc": NVCC_FLAGS + defs},
+                                      extra_link_args=link)
+    ext.sm90_sources = gen90  # compiled by Build.build_extensions below, for sm_90a only
+    return [ext]
+
+
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=--warn-on-spills", "--expt-relaxed-constexpr",
+              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+
+
+def compile_sm90(sources: list[str], outdir: pathlib.Path) -> list[str]:
+    """The Hopper family's generated files, each compiled by nvcc for sm_90a alone (wgmma and setmaxnreg
+    exist only there; the mma.sync files keep the arch list), in parallel (MAX_JOBS), skipping objects
+    newer than their file and every header of csrc/. Returns the object files."""
+    import concurrent.futures
+
+    nvcc = str(pathlib.Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc")
+    outdir.mkdir(parents=True, exist_ok=True)
+    headers = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh")]
+    newest_header = max(p.stat().st_mtime for p in headers)
+    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+
+    def one(src: str) -> str:
+        obj = outdir / (pathlib.Path(src).stem + ".o")
+        path = ROOT / src
+        if obj.exists() and obj.stat().st_mtime > max(path.stat().st_mtime, newest_header):
+            return str(obj)
+        cmd = [nvcc, "-c", str(path), "-o", str(obj), *NVCC_FLAGS, "-gencode=arch=compute_90a,code=sm_90a",
+               "-Xcompiler", "-fPIC", "-I", str(ROOT / "csrc")]
+        log("nvcc (sm_90a) " + src)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.stdout or r.stderr:
+            print(r.stdout + r.stderr, file=sys.stderr)
+        if r.returncode != 0:
+            raise SystemExit(f"nvcc failed on {src}")
+        return str(obj)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, sources))
 
 
 def build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class Build(BuildExtension):
+        def build_extensions(self):
+            for ext in self.extensions:
+                srcs = getattr(ext, "sm90_sources", [])
+                if srcs:
+                    objs = compile_sm90(srcs, pathlib.Path(self.build_temp) / "sm90")
+                    ext.extra_objects = list(ext.extra_objects or []) + objs
+            super().build_extensions()
+
+    return Build.with_options(use_ninja=True)
 
 
 # Name, version and packages are in pyproject.toml; this file adds the compiled part.

@@ -265,6 +265,25 @@ def make_fused_dense(case, q, k, v, opts):
     return lambda: fused_attn.flash(q, k, v)
 
 
+def make_fused_sm80(case, q, k, v, opts):
+    """fused_attn with the mma.sync kernels forced (FUSED_ATTN_FORCE_SM80, read at every call): the Hopper
+    path's own baseline on a GPU where the wgmma/TMA kernels run by default."""
+    os.environ["FUSED_ATTN_FORCE_SM80"] = "1"
+    try:
+        fn = make_fused(case, q, k, v, opts)
+    finally:
+        os.environ.pop("FUSED_ATTN_FORCE_SM80", None)
+
+    def run():
+        os.environ["FUSED_ATTN_FORCE_SM80"] = "1"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("FUSED_ATTN_FORCE_SM80", None)
+
+    return run
+
+
 def _sdpa_backend_ctx(backend):
     if backend is None:
         return contextlib.nullcontext()
@@ -366,6 +385,10 @@ def implementations(device: torch.device, opts) -> list[Impl]:
     ]
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
+
+        paths = fused_attn.build_info().get("cuda_paths", {})
+        if paths.get(f"cuda:{device.index or 0}", "").startswith("sm90"):
+            impls.append(Impl("fused_attn-sm80", make_fused_sm80))
 
         # The forced backends cover what the automatic choice would pick; "sdpa" (auto) is omitted.
         for name, backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION"),
@@ -628,7 +651,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<machine>)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--groups", default="dense,window,sparse,memory",
-                    help="comma-separated case groups to run: dense, window, sparse, memory")
+                    help="comma-separated case groups to run: dense, window, sparse, memory, decode "
+                         "(decode: bench/decode_bench.py, CPU)")
     ap.add_argument("--impls", default=None, help="comma-separated implementations to keep (default all)")
     ap.add_argument("--merge", action="store_true",
                     help="keep rows of other groups already in <out>/results.json (run groups separately)")
@@ -664,9 +688,18 @@ def main(argv=None):
     machine = machine_name(device)
     out_dir = opts.out or (HERE / "results" / machine)
     groups = set(opts.groups.split(","))
-    unknown = groups - {"dense", "window", "sparse", "memory"}
+    unknown = groups - {"dense", "window", "sparse", "memory", "decode"}
     if unknown:
-        ap.error(f"--groups: unknown group(s) {sorted(unknown)}, expected dense, window, sparse, memory")
+        ap.error(f"--groups: unknown group(s) {sorted(unknown)}, expected dense, window, sparse, memory, decode")
+    if "decode" in groups:  # KV-cache decoding: bandwidth, not FLOPs; its own driver and outputs
+        sys.path.insert(0, str(HERE))
+        import decode_bench
+
+        decode_bench.main((["--quick"] if opts.quick else []) + (["--out", str(opts.out)] if opts.out else []) +
+                          (["--threads", str(opts.threads)] if opts.threads else []))
+        groups.discard("decode")
+        if not groups:
+            return None
     cases = [c for c in (cuda_cases if gpu else cpu_cases)(opts.quick) if c.group in groups]
     impls = implementations(device, opts)
 

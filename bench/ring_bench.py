@@ -161,6 +161,7 @@ def main() -> None:
     args = ap.parse_args()
     args.modes = args.modes.split(",")
 
+    load_start = os.getloadavg()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init_file = os.path.join(tempfile.mkdtemp(), "rendezvous")
@@ -171,6 +172,7 @@ def main() -> None:
     ranks = queue.get(timeout=7200)
     for p in procs:
         p.join(timeout=60)
+    load_end = os.getloadavg()
 
     import torch
 
@@ -180,7 +182,8 @@ def main() -> None:
     rows = []
     print(f"ring attention, {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, float32, "
           f"causal, {shape}, layout {args.layout}: {args.ranks} ranks x {args.threads} thread(s) vs 1 process x "
-          f"{args.ranks * args.threads} threads")
+          f"{args.ranks * args.threads} threads; load average {load_start[0]:.1f} at the start, "
+          f"{load_end[0]:.1f} at the end (other processes share the cores)")
     xfer = [r["transfer_alone_ms"] for r in ranks]
     for mode in args.modes:
         m0 = ranks[0]["modes"][mode]
@@ -212,7 +215,7 @@ def main() -> None:
                layout=args.layout, batch=b, heads=h, seqlen=s, head_dim=d, ranks=args.ranks,
                threads_per_rank=args.threads, single_threads=args.ranks * args.threads,
                kv_bytes_per_step=2 * b * h * (s // args.ranks) * d * 4,
-               transfer_alone_ms=xfer, rows=rows,
+               transfer_alone_ms=xfer, rows=rows, load_avg_start=load_start, load_avg_end=load_end,
                per_step={mode: [r["modes"][mode]["per_step"] for r in ranks] for mode in args.modes},
                raw={mode: dict(ring_s=ranks[0]["modes"][mode]["ring_s"], single_s=ranks[0]["modes"][mode]["single_s"])
                     for mode in args.modes},

@@ -1,6 +1,8 @@
-"""Small cases of every CUDA kernel for compute-sanitizer (memcheck, racecheck): forward and backward of the
-tensor-core kernels (both dtypes, a small and a large head dim, ragged lengths, every pattern, atomic and
-deterministic dQ) and of the fp32/fp64 kernels. Exits non-zero if any result is NaN."""
+"""Small cases of every CUDA kernel for compute-sanitizer (memcheck, racecheck, synccheck): forward and
+backward of the tensor-core kernels (both dtypes, a small and a large head dim, ragged lengths, every
+pattern, atomic and deterministic dQ) and of the fp32/fp64 kernels. On a Hopper GPU the fp16/bf16 cases run
+the wgmma/TMA kernels unless FUSED_ATTN_FORCE_SM80=1 (gpu_check.sh runs both). Exits non-zero if any
+result is NaN."""
 import os
 
 import torch

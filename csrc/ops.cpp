@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/launch.h"
+#include "cuda/sm90/launch.h"
 #endif
 
 namespace fused_attn {
@@ -147,26 +148,36 @@ void check_tiles(const AttnParams& p, int64_t tq, int64_t tk, const char* kernel
                     ")");
 }
 
-AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t wl,
-                       int64_t wr) {
+// The fields every op fills alike: data pointers, sizes, (b, h, s) strides, scale and window.
+struct Dims {
+  int64_t batch, hq, hk, sq, sk, d;
+};
+AttnParams common_params(const Tensor& q, const Tensor& k, const Tensor& v, const Dims& n, Strides qs,
+                         Strides ks, Strides vs, double scale, int64_t wl, int64_t wr) {
   TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
   AttnParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.batch = q.size(0);
-  p.hq = q.size(1);
-  p.hk = k.size(1);
-  p.sq = q.size(2);
-  p.sk = k.size(2);
-  p.d = q.size(3);
-  p.q_st = strides_of(q);
-  p.k_st = strides_of(k);
-  p.v_st = strides_of(v);
+  p.batch = n.batch;
+  p.hq = n.hq;
+  p.hk = n.hk;
+  p.sq = n.sq;
+  p.sk = n.sk;
+  p.d = n.d;
+  p.q_st = qs;
+  p.k_st = ks;
+  p.v_st = vs;
   p.scale = scale;
   p.window_left = wl;
   p.window_right = wr;
   return p;
+}
+
+AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t wl,
+                       int64_t wr) {
+  return common_params(q, k, v, {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)},
+                       strides_of(q), strides_of(k), strides_of(v), scale, wl, wr);
 }
 
 at::ScalarType lse_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -253,23 +264,10 @@ void check_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 
 AttnParams varlen_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
                          const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t wl, int64_t wr) {
-  TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
-  AttnParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.batch = cu_q.size(0) - 1;
-  p.hq = q.size(1);
-  p.hk = k.size(1);
-  p.sq = max_q;
-  p.sk = max_k;
-  p.d = q.size(2);
-  p.q_st = {0, q.stride(1), q.stride(0)};
-  p.k_st = {0, k.stride(1), k.stride(0)};
-  p.v_st = {0, v.stride(1), v.stride(0)};
-  p.scale = scale;
-  p.window_left = wl;
-  p.window_right = wr;
+  // Packed (total, H, D): batch stride 0, sequence b's rows found through cu_seqlens.
+  AttnParams p = common_params(q, k, v, {cu_q.size(0) - 1, q.size(1), k.size(1), max_q, max_k, q.size(2)},
+                               {0, q.stride(1), q.stride(0)}, {0, k.stride(1), k.stride(0)},
+                               {0, v.stride(1), v.stride(0)}, scale, wl, wr);
   p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
   p.total_q = q.size(0);
@@ -512,33 +510,18 @@ void kvcache_append(const Tensor& kc, const Tensor& vc, const Tensor& seqlens, c
 AttnParams kvcache_params(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& seqlens,
                           const std::optional<Tensor>& block_table, const KvCall& c, double scale, int64_t wl,
                           int64_t wr) {
-  TORCH_CHECK_VALUE(wl >= -1 && wr >= -1, "window: expected entries >= -1, got (", wl, ", ", wr, ")");
-  AttnParams p;
-  p.q = q.data_ptr();
-  p.k = kc.data_ptr();
-  p.v = vc.data_ptr();
-  p.batch = q.size(0);
-  p.hq = q.size(1);
-  p.sq = q.size(2);
-  p.d = q.size(3);
-  p.sk = c.capacity;
-  p.q_st = strides_of(q);
-  p.scale = scale;
-  p.window_left = wl;
-  p.window_right = wr;
+  // Paged pool (num_pages, page_size, Hk, D): (page, head, slot) strides, pages found through block_table.
+  const Strides ks = c.paged ? Strides{kc.stride(0), kc.stride(2), kc.stride(1)} : strides_of(kc);
+  const Strides vs = c.paged ? Strides{vc.stride(0), vc.stride(2), vc.stride(1)} : strides_of(vc);
+  AttnParams p = common_params(q, kc, vc, {q.size(0), q.size(1), kc.size(c.paged ? 2 : 1), q.size(2), c.capacity,
+                                           q.size(3)}, strides_of(q), ks, vs, scale, wl, wr);
   p.seqlens_k = seqlens.data_ptr<int32_t>();
   p.seqlens_k_add = c.s_new;
   if (c.paged) {
-    p.hk = kc.size(2);
-    p.k_st = {kc.stride(0), kc.stride(2), kc.stride(1)};
-    p.v_st = {vc.stride(0), vc.stride(2), vc.stride(1)};
     p.block_table = block_table->data_ptr<int32_t>();
     p.block_table_b = block_table->stride(0);
     p.page_size = c.page_size;
-  } else {
-    p.hk = kc.size(1);
-    p.k_st = strides_of(kc);
-    p.v_st = strides_of(vc);
+    p.num_pages = kc.size(0);
   }
   return p;
 }
@@ -619,6 +602,21 @@ Tensor rows_aligned(const Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// The Hopper kernels read through tensor maps, whose strides must be positive multiples of 16 bytes: a
+// tensor with a zero stride in a dimension of size > 1 (an expanded one) is copied.
+Tensor tma_ready(const Tensor& t) {
+  for (int i = 0; i < 3; ++i)
+    if (t.size(i) > 1 && t.stride(i) == 0) return t.contiguous();
+  return t;
+}
+
+// The Hopper head dim that runs q on its device (0: the mma.sync kernels run; fused_attn/_ops.py's
+// kernel_tiles makes the same choice through bindings.cpp). Packed batches (varlen_*_cuda) stay on the
+// mma.sync kernels.
+int sm90_head_dim_for(const Tensor& q) {
+  return is_tc(q) ? sm90_choose(q.get_device(), dtype_of(q), q.size(3)) : 0;
+}
+
 // Features whose CUDA kernels have not landed yet: a clear error before any kernel runs.
 void cuda_unsupported(bool cond, const char* what) {
   TORCH_CHECK_VALUE(!cond, what, " is not supported by the CUDA kernels of this build yet (it runs on the CPU)");
@@ -628,12 +626,14 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
                                     int64_t wl, int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
                                     double softcap, const std::optional<Tensor>& alibi) {
   check_qkv(q_in, k_in, v_in);
-  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int hd90 = sm90_head_dim_for(q_in);
+  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
+  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
-  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  const int hd = is_tc(q) && !hd90 ? checked_tc_head_dim(q) : 0;
   if (q.numel() == 0) return {out, lse};
   if (k.size(2) == 0) return {out.zero_(), lse.fill_(-INFINITY)};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
@@ -645,7 +645,10 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
   p.lse_b = lse.stride(0);
   p.lse_h = lse.stride(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (hd) {
+  if (hd90) {
+    check_tiles(p, sm90_tiles(hd90).fwd_tq, sm90_tiles(hd90).fwd_tk, "Hopper forward");
+    sm90_fwd(p, dtype_of(q), hd90, stream);
+  } else if (hd) {
     check_tiles(p, tc_tiles(hd).fwd_tq, tc_tiles(hd).fwd_tk, "tensor-core forward");
     tc_fwd(p, dtype_of(q), hd, stream);
   } else {
@@ -662,19 +665,21 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
                                             bool deterministic, double softcap,
                                             const std::optional<Tensor>& alibi) {
   check_qkv(q_in, k_in, v_in);
-  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int hd90 = sm90_head_dim_for(q_in);
+  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
+  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
   check_bwd_shapes(q, dout_in, out_in, lse_in);
   BwdTensors t;
   // dO arrives with whatever strides autograd made (an expanded scalar gradient has stride 0).
-  t.dout = rows_aligned(dout_in.to(q.scalar_type()));
-  t.out = rows_aligned(out_in);
+  t.dout = ready(dout_in.to(q.scalar_type()));
+  t.out = ready(out_in);
   t.lse = lse_in.contiguous();
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
   t.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   t.dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   t.dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  const int hd = is_tc(q) && !hd90 ? checked_tc_head_dim(q) : 0;
   if (q.numel() == 0 || k.numel() == 0) return {t.dq.zero_(), t.dk.zero_(), t.dv.zero_()};
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, true, q);
@@ -683,18 +688,22 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   Tensor dq_accum;
   p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (hd) {
-    const TileShape tiles = tc_tiles(hd);
-    check_tiles(p, tiles.bwd_tq, tiles.bwd_tk, "tensor-core backward");
+  if (hd90 || hd) {
+    const int h = hd90 ? hd90 : hd;
+    const TileShape tiles = hd90 ? sm90_tiles(hd90) : tc_tiles(hd);
+    check_tiles(p, tiles.bwd_tq, tiles.bwd_tk, hd90 ? "Hopper backward" : "tensor-core backward");
     if (!p.deterministic) {
-      dq_accum = at::zeros({q.size(0), q.size(1), cdiv(q.size(2), tiles.bwd_tq) * tiles.bwd_tq, hd},
+      dq_accum = at::zeros({q.size(0), q.size(1), cdiv(q.size(2), tiles.bwd_tq) * tiles.bwd_tq, h},
                            q.options().dtype(at::kFloat));
       p.dq_accum = dq_accum.data_ptr<float>();
       p.dqa_b = dq_accum.stride(0);
       p.dqa_h = dq_accum.stride(1);
       p.dqa_s = dq_accum.stride(2);
     }
-    tc_bwd(p, dtype_of(q), hd, stream);
+    if (hd90)
+      sm90_bwd(p, dtype_of(q), hd90, stream);
+    else
+      tc_bwd(p, dtype_of(q), hd, stream);
   } else {
     check_tiles(p, kGenericTiles.bwd_tq, kGenericTiles.bwd_tk, "fp32/fp64 backward");
     generic_bwd(p, dtype_of(q), stream);
@@ -787,12 +796,66 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor& dout_in, const 
   return {t.dq, t.dk, t.dv};
 }
 
-std::tuple<Tensor, Tensor> kvcache_fwd_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                            const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                            const std::optional<Tensor>&, double, int64_t, int64_t, double,
-                                            const std::optional<Tensor>&, int64_t) {
-  cuda_unsupported(true, "flash_kvcache");
-  return {};
+// The tensor-core decode kernel copies cache rows in 16-byte pieces; the cache is written in place (and a
+// paged pool is shared), so it is never copied: a view whose rows do not start 16-byte aligned is an error.
+void check_rows_aligned(const Tensor& t, const char* name) {
+  const int64_t e = static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3 && ok; ++i) ok = t.size(i) <= 1 || (t.stride(i) * e) % 16 == 0;
+  TORCH_CHECK_VALUE(ok, name, ": the CUDA kernels read its rows in 16-byte pieces: expected a 16-byte aligned "
+                    "start and strides that are multiples of 16 bytes, got strides ", t.strides());
+}
+
+// No host synchronisation: lengths and page-table entries are read on the GPU (the Python layer checked
+// them once), num_splits = 0 is decided from the shapes and the SM count, the append is a device-side
+// index_put_.
+std::tuple<Tensor, Tensor> kvcache_fwd_cuda(const Tensor& q_in, const Tensor& kc, const Tensor& vc,
+                                            const Tensor& seqlens, const std::optional<Tensor>& k_new,
+                                            const std::optional<Tensor>& v_new,
+                                            const std::optional<Tensor>& block_table, double scale, int64_t wl,
+                                            int64_t wr, double softcap, const std::optional<Tensor>& alibi,
+                                            int64_t num_splits) {
+  const KvCall c = check_kvcache(q_in, kc, vc, seqlens, k_new, v_new, block_table);
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits: expected >= 0 (0 picks), got ", num_splits);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const bool tc = is_tc(q_in);
+  const Tensor q = tc ? rows_aligned(q_in) : q_in;
+  const int hd = tc ? checked_tc_head_dim(q) : 0;
+  if (tc) {
+    check_rows_aligned(kc, "k_cache");
+    check_rows_aligned(vc, "v_cache");
+  }
+  if (k_new.has_value()) kvcache_append(kc, vc, seqlens, *k_new, *v_new, block_table, c);
+  Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
+  if (q.numel() == 0) return {out, lse};
+  AttnParams p = kvcache_params(q, kc, vc, seqlens, block_table, c, scale, wl, wr);
+  set_score_mod(p, softcap, alibi, q);
+  p.o = out.data_ptr();
+  p.o_st = strides_of(out);
+  p.lse = lse.data_ptr();
+  p.lse_b = lse.stride(0);
+  p.lse_h = lse.stride(1);
+  int sms = 0;
+  if (num_splits == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()) != cudaSuccess) {
+    (void)cudaGetLastError();  // not left behind for the launch checks
+    sms = 0;
+  }
+  p.num_splits = num_splits > 0 ? num_splits : decode_splits(p, tc, sms);
+  Tensor o_part, lse_part;
+  if (p.num_splits > 1) {
+    const auto wopt = q.options().dtype(lse_type(q));
+    o_part = at::empty({p.num_splits, q.size(0), q.size(1), q.size(2), q.size(3)}, wopt);
+    lse_part = at::empty({p.num_splits, q.size(0), q.size(1), q.size(2)}, wopt);
+    p.o_part = o_part.data_ptr();
+    p.lse_part = lse_part.data_ptr();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (tc)
+    tc_decode(p, dtype_of(q), hd, stream);
+  else
+    generic_decode(p, dtype_of(q), stream);
+  return {out, lse};
 }
 #endif  // FA_WITH_CUDA
 

@@ -107,6 +107,7 @@ struct AttnParams {
   // slot j % page_size.
   const int32_t* block_table = nullptr;
   int64_t block_table_b = 0, page_size = 0;
+  int64_t num_pages = 0;  // pages in the pool: GPU kernels clamp the entries they read to it
 
   // ---- Score modifiers (mask.h, ScoreMod), applied to the scaled score s = scale * q.k:
   // softcap > 0: s <- softcap * tanh(s / softcap); ALiBi: s <- s - slope[b, h] * |i + (Sk - Sq) - j|.
@@ -115,10 +116,11 @@ struct AttnParams {
   int64_t alibi_b = 0;
 
   // ---- Split-KV (decode): the key range of each (batch, kv head) is cut into num_splits parts whose
-  // partial results (unnormalised out in fp32, lse) are merged by a combine step.
+  // partial results (out normalised by the part's own sum, and the part's lse) are merged by a combine
+  // step. fp32 workspaces, fp64 for fp64 inputs (cuda/decode.h).
   int64_t num_splits = 1;
-  float* o_part = nullptr;    // (num_splits, B, Hq, Sq, D) fp32 workspace
-  float* lse_part = nullptr;  // (num_splits, B, Hq, Sq) fp32 workspace
+  void* o_part = nullptr;    // (num_splits, B, Hq, Sq, D)
+  void* lse_part = nullptr;  // (num_splits, B, Hq, Sq)
 
   FA_HD int64_t group() const { return hq / hk; }  // query heads per key/value head
 

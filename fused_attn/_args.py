@@ -53,18 +53,23 @@ def check_scale(scale, d: int) -> float:
     return float(scale)
 
 
+def _check_like_q(name, t, q, d_dim):
+    """t (k or v) has q's dtype, device and head dim (dimension d_dim)."""
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
+    if t.shape[d_dim] != q.shape[d_dim]:
+        raise ValueError(f"{name}: expected head dim {q.shape[d_dim]} (q.shape[{d_dim}]), got shape {_shape(t)}")
+
+
 def check_inputs(q, k, v, causal, window, block_mask, scale, return_lse):
     """Validates flash()'s arguments; returns (q, k, v, left, right, scale) with any head-dim stride that
     is not 1 copied away (the kernels need unit stride in D; every other stride is taken as it is)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
-        if t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name}: expected head dim {q.shape[3]} (q.shape[3]), got shape {_shape(t)}")
+        _check_like_q(name, t, q, 3)
         if t.shape[0] != q.shape[0]:
             raise ValueError(f"{name}: expected batch {q.shape[0]} (q.shape[0]), got shape {_shape(t)}")
     if q.shape[3] == 0:
@@ -154,12 +159,7 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_packed(name, t)
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
-        if t.shape[2] != q.shape[2]:
-            raise ValueError(f"{name}: expected head dim {q.shape[2]} (q.shape[2]), got shape {_shape(t)}")
+        _check_like_q(name, t, q, 2)
     if q.shape[2] == 0:
         raise ValueError(f"q: expected a head dim D >= 1, got shape {_shape(q)}")
     if v.shape[:2] != k.shape[:2]:
@@ -225,12 +225,7 @@ def check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
         if t.dim() != 4:
             want = "(num_pages, page_size, Hk, D)" if paged else "(B, Hk, S_max, D)"
             raise ValueError(f"{name}: expected 4-D {want}, got shape {_shape(t)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
-        if t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name}: expected head dim {q.shape[3]} (q.shape[3]), got shape {_shape(t)}")
+        _check_like_q(name, t, q, 3)
         if t.shape[3] > 1 and t.stride(3) != 1:
             raise ValueError(f"{name}: expected unit stride in the head dim (the cache is written in place, "
                              f"so it is not copied), got strides {tuple(t.stride())}")
@@ -265,11 +260,8 @@ def check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             check_tensor(name, t)
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
-            if t.shape[0] != b or t.shape[1] != hk or t.shape[3] != q.shape[3]:
+            _check_like_q(name, t, q, 3)
+            if t.shape[0] != b or t.shape[1] != hk:
                 raise ValueError(f"{name}: expected (B, Hk, S_new, D) = ({b}, {hk}, S_new, {q.shape[3]}), "
                                  f"got shape {_shape(t)}")
         if v_new.shape != k_new.shape:

@@ -13,15 +13,20 @@ _INFO = _C.build_info()
 
 
 def build_info() -> dict:
-    """What this build holds: backends, dtypes and head dims per backend, CUDA archs."""
-    return dict(_INFO)
+    """What this build holds: backends, dtypes and head dims per backend, CUDA archs; with CUDA, also which
+    kernel family runs float16/bfloat16 on each visible device ("cuda_paths": the Hopper wgmma/TMA kernels
+    on compute capability 9.0 unless FUSED_ATTN_FORCE_SM80 is set, the mma.sync kernels elsewhere)."""
+    info = dict(_INFO)
+    if "cuda" in info["backends"]:
+        info["cuda_paths"] = _C.cuda_paths()
+    return info
 
 
 @functools.lru_cache(maxsize=None)
 def cuda_tile_shapes() -> tuple[tuple[int, int], ...]:
     """Every distinct (tq, tk) a CUDA kernel of this build runs with."""
     shapes = set()
-    for t in list(_TILES["tc"].values()) + [_TILES["generic"]]:
+    for t in list(_TILES["tc"].values()) + list(_TILES["sm90"].values()) + [_TILES["generic"]]:
         shapes.add((t[0], t[1]))
         shapes.add((t[2], t[3]))
     return tuple(sorted(shapes))
@@ -47,6 +52,12 @@ def kernel_tiles(q: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
         raise ValueError(f"q: is on {q.device} but this build of fused_attn has no CUDA kernels "
                          "(rebuild where nvcc is found; see fused_attn.build_info())")
     if q.dtype in (torch.float16, torch.bfloat16):
+        # The Hopper kernels where ops.cpp will choose them (same C++ function), else the mma.sync ones.
+        hd90 = _C.cuda_sm90_head_dim(q.device.index if q.device.index is not None else torch.cuda.current_device(),
+                                     str(q.dtype).replace("torch.", ""), q.shape[3])
+        if hd90:
+            t = _TILES["sm90"][hd90]
+            return (t[0], t[1]), (t[2], t[3])
         hd = tc_head_dim(q.dtype, q.shape[3])
         if not hd:
             raise ValueError(f"q: head dim {q.shape[3]} is not supported by the CUDA {q.dtype} kernels of this "

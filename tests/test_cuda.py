@@ -349,3 +349,125 @@ def test_varlen_cuda_graph_and_no_sync():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+def _kv_case(b, hq, hk, d, lens, s_max, page_size, dtype, seed, sq):
+    from test_kvcache import make_cache
+
+    kc, vc, bt, k_full, v_full = make_cache(b, hk, d, lens, s_max, page_size=page_size, dtype=dtype, seed=seed)
+    q = torch.randn(b, hq, sq, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    dev = [t.to(DEV) if t is not None else None for t in (q, kc, vc, bt, sl)]
+    return dev, (q, k_full, v_full)
+
+
+def _kv_reference(q, k_full, v_full, lens, **kw):
+    """float64 reference and the same-dtype one (STYLE.md rule), per sequence over its first lens[b] keys."""
+    from test_kvcache import reference_over
+
+    ref = reference_over(q.double(), k_full.double(), v_full.double(), lens, **kw)
+    kw32 = dict(kw)
+    base = []
+    for b, n in enumerate(lens):
+        if "alibi_slopes" in kw32 and kw32["alibi_slopes"].dim() == 2:
+            kw32b = dict(kw32, alibi_slopes=kw32["alibi_slopes"][b:b + 1])
+        else:
+            kw32b = kw32
+        base.append(fused_attn.reference.attention(q[b:b + 1], k_full[b:b + 1, :, :n], v_full[b:b + 1, :, :n],
+                                                   return_lse=True, **kw32b))
+    return ref, (torch.cat([o for o, _ in base]), torch.cat([l for _, l in base]))
+
+
+KV_PATTERNS = [dict(), dict(causal=True), dict(causal=True, window=(50, 0)), dict(softcap=3.0), dict(alibi=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+                         ids=["bf16", "fp16", "fp32", "fp64"])
+@pytest.mark.parametrize("page_size", [None, 16, 64, 256])
+@pytest.mark.parametrize("sq", [1, 4])
+@pytest.mark.parametrize("kw", KV_PATTERNS, ids=["dense", "causal", "window", "softcap", "alibi"])
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_kvcache(dtype, page_size, sq, kw, num_splits):
+    b, hq, hk, d, s_max = 3, 8, 2, 128 if dtype in (torch.bfloat16, torch.float16) else 72, 768
+    lens = [0, 97, 700]
+    kw = dict(kw)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(b, hq, generator=torch.Generator().manual_seed(1))
+    (q, kc, vc, bt, sl), (qh, k_full, v_full) = _kv_case(b, hq, hk, d, lens, s_max, page_size, dtype, 7, sq)
+    dev_kw = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    out, lse = fused_attn.flash_kvcache(q, kc, vc, sl, block_table=bt, return_lse=True, num_splits=num_splits,
+                                        **dev_kw)
+    (ref_o, ref_l), (base_o, base_l) = _kv_reference(qh, k_full, v_full, lens, **kw)
+    from conftest import assert_rule
+
+    assert_rule("out", out.cpu(), ref_o, base_o, dtype)
+    assert_rule("lse", lse.cpu(), ref_l, base_l, dtype)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_kvcache_append_then_attend(page_size, dtype):
+    """Appending k_new / v_new on the GPU then attending equals the reference twin on the CPU, cache
+    included."""
+    b, hq, hk, d, s_max, s_new = 2, 8, 2, 64, 256, 3
+    lens = [10, 200]
+    (q, kc, vc, bt, sl), _ = _kv_case(b, hq, hk, d, lens, s_max, page_size, dtype, 9, 4)
+    g = torch.Generator().manual_seed(4)
+    kn = torch.randn(b, hk, s_new, d, generator=g, dtype=torch.float64).to(dtype)
+    vn = torch.randn(b, hk, s_new, d, generator=g, dtype=torch.float64).to(dtype)
+    kc_cpu, vc_cpu = kc.cpu(), vc.cpu()
+    out = fused_attn.flash_kvcache(q, kc, vc, sl, k_new=kn.to(DEV), v_new=vn.to(DEV), block_table=bt, causal=True)
+    ref = fused_attn.reference.flash_kvcache(q.cpu(), kc_cpu, vc_cpu, sl.cpu(), k_new=kn, v_new=vn,
+                                             block_table=None if bt is None else bt.cpu(), causal=True)
+    assert torch.equal(kc.cpu(), kc_cpu) and torch.equal(vc.cpu(), vc_cpu)
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(out.cpu().double(), ref.double(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kvcache_splits_repeatable(dtype):
+    """A fixed split count is bitwise repeatable (the combine sums parts in split order); split counts agree."""
+    (q, kc, vc, bt, sl), _ = _kv_case(1, 32, 8, 128, [5000], 5120, 64, dtype, 5, 1)
+    outs = {}
+    for ns in (0, 1, 4, 64):
+        first = fused_attn.flash_kvcache(q, kc, vc, sl, block_table=bt, num_splits=ns)
+        for _ in range(2):
+            assert torch.equal(first, fused_attn.flash_kvcache(q, kc, vc, sl, block_table=bt, num_splits=ns))
+        outs[ns] = first.float()
+    for ns in (0, 4, 64):
+        torch.testing.assert_close(outs[ns], outs[1], atol=2e-2, rtol=2e-2)
+
+
+def test_kvcache_op_captures_in_a_cuda_graph():
+    """The op itself does no host synchronisation (the Python wrapper's value checks do, once): it can be
+    captured and replayed with new lengths."""
+    (q, kc, vc, bt, sl), _ = _kv_case(2, 8, 2, 64, [100, 300], 320, 16, torch.bfloat16, 3, 1)
+    scale = 64 ** -0.5
+
+    def step():
+        return torch.ops.fused_attn.kvcache_fwd(q, kc, vc, sl, None, None, bt, scale, -1, -1, 0.0, None, 0)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    sl.copy_(torch.tensor([37, 301], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = fused_attn.flash_kvcache(q, kc, vc, sl, block_table=bt)
+    torch.testing.assert_close(out, eager)
+
+
+def test_kvcache_misaligned_cache_rows_raise():
+    (q, kc, vc, bt, sl), _ = _kv_case(1, 4, 2, 64, [40], 64, None, torch.float16, 2, 1)
+    big = torch.zeros(1, 2, 64, 72, dtype=torch.float16, device=DEV)
+    k_odd = big[..., 4:68]  # row start 8 bytes off a 16-byte boundary
+    with pytest.raises(ValueError, match=r"k_cache: the CUDA kernels read its rows in 16-byte pieces"):
+        fused_attn.flash_kvcache(q, k_odd, vc, sl)

@@ -188,24 +188,8 @@ FA_CPU_INLINE float hsum(f8 v) {
   return v[0] + v[1];
 }
 
-// 2^x, tile_math.h's vec::exp2 at 8 lanes (same range handling and degree-6 polynomial): exactly 0 below
-// -125 (also -inf and NaN), so masked scores give P = 0.
-FA_CPU_INLINE f8 exp2(f8 x) {
-  const i8 keep = x >= splat(-125.0f);
-  x = x < splat(127.0f) ? x : splat(127.0f);
-  const f8 magic = splat(12582912.0f);
-  const f8 t = x + magic;
-  const f8 f = x - (t - magic);
-  f8 y = splat(1.535612594e-4f);
-  y = y * f + 1.339881786e-3f;
-  y = y * f + 9.618427777e-3f;
-  y = y * f + 5.550332683e-2f;
-  y = y * f + 2.402264799e-1f;
-  y = y * f + 6.931472027e-1f;
-  y = y * f + 1.0f;
-  const i8 bits = (i8)y + ((i8)t << 23);
-  return (f8)(bits & keep);
-}
+// 2^x at 8 lanes: tile_math.h's polynomial (exactly 0 below -125, also -inf and NaN: masked scores give P = 0).
+FA_CPU_INLINE f8 exp2(f8 x) { return cpu::vec::exp2_lanes<f8, i8>(x); }
 }  // namespace dv
 
 // ---------------------------------------------------------------------------------------------------

@@ -217,22 +217,25 @@ FA_CPU_INLINE float hsum(f16 v) {
 // rounding), and 2^n added straight into the exponent bits. ~15 vector ops per 16 elements, against
 // ~24 for a natural-base Cephes exp with clamps: the forward's softmax step went from 24% to 19% of its
 // GEMM time (perf, one thread, B1 H8 S2048 D64).
-FA_CPU_INLINE f16 exp2(f16 x) {
-  const i16 keep = x >= splat(-125.0f);
-  x = x < splat(127.0f) ? x : splat(127.0f);
-  const f16 magic = splat(12582912.0f);
-  const f16 t = x + magic;
-  const f16 f = x - (t - magic);
-  f16 y = splat(1.535612594e-4f);
+// Written once for any float vector F with its int32 twin I (decode.cpp uses 8 lanes).
+template <typename F, typename I>
+FA_CPU_INLINE F exp2_lanes(F x) {
+  const I keep = x >= (F{} + -125.0f);
+  x = x < (F{} + 127.0f) ? x : (F{} + 127.0f);
+  const F magic = F{} + 12582912.0f;
+  const F t = x + magic;
+  const F f = x - (t - magic);
+  F y = F{} + 1.535612594e-4f;
   y = y * f + 1.339881786e-3f;
   y = y * f + 9.618427777e-3f;
   y = y * f + 5.550332683e-2f;
   y = y * f + 2.402264799e-1f;
   y = y * f + 6.931472027e-1f;
   y = y * f + 1.0f;
-  const i16 bits = (i16)y + ((i16)t << 23);
-  return (f16)(bits & keep);
+  const I bits = (I)y + ((I)t << 23);
+  return (F)(bits & keep);
 }
+FA_CPU_INLINE f16 exp2(f16 x) { return exp2_lanes<f16, i16>(x); }
 }  // namespace vec
 
 // ---------------------------------------------------------------------------------------------------

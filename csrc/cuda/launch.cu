@@ -9,7 +9,7 @@ namespace fused_attn {
 namespace {
 
 // Zero-initialised before any static constructor runs, so registration order does not matter.
-TcLauncher g_tc[2][2][kNumTcHeadDims];
+TcLauncher g_tc[3][2][kNumTcHeadDims];  // pass (TcPass), dtype, head dim
 
 int hd_index(int hd) {
   for (int i = 0; i < kNumTcHeadDims; ++i)
@@ -57,5 +57,8 @@ static void run_tc(TcPass pass, const AttnParams& p, DType dt, int hd, cudaStrea
 
 void tc_fwd(const AttnParams& p, DType dt, int hd, cudaStream_t stream) { run_tc(TcPass::fwd, p, dt, hd, stream); }
 void tc_bwd(const AttnParams& p, DType dt, int hd, cudaStream_t stream) { run_tc(TcPass::bwd, p, dt, hd, stream); }
+void tc_decode(const AttnParams& p, DType dt, int hd, cudaStream_t stream) {
+  run_tc(TcPass::decode, p, dt, hd, stream);
+}
 
 }  // namespace fused_attn

@@ -18,6 +18,14 @@ void tc_bwd(const AttnParams& p, DType dt, int hd, cudaStream_t stream);
 void generic_fwd(const AttnParams& p, DType dt, cudaStream_t stream);
 void generic_bwd(const AttnParams& p, DType dt, cudaStream_t stream);
 
+// KV-cache decoding (flash_kvcache): p.num_splits >= 1 parts of each key range and, above 1, the workspace
+// p.o_part / p.lse_part (decode.h); the split kernel, then a combine kernel. tc_decode: fp16 / bf16 at the
+// compiled head dim hd; generic_decode: fp32 / fp64.
+void tc_decode(const AttnParams& p, DType dt, int hd, cudaStream_t stream);
+void generic_decode(const AttnParams& p, DType dt, cudaStream_t stream);
+// The split count for num_splits = 0, from the SM count and the shapes (no value is read from the GPU).
+int64_t decode_splits(const AttnParams& p, bool tensor_cores, int sm_count);
+
 // Which instantiations this build holds (the build can be narrowed by environment variables).
 bool tc_has(DType dt, int hd);
 

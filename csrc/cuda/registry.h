@@ -8,7 +8,7 @@
 
 namespace fused_attn {
 
-enum class TcPass : int { fwd = 0, bwd = 1 };
+enum class TcPass : int { fwd = 0, bwd = 1, decode = 2 };
 using TcLauncher = void (*)(const AttnParams&, cudaStream_t);
 
 bool register_tc_kernel(TcPass pass, DType dt, int hd, TcLauncher fn);

@@ -5,7 +5,7 @@
 //
 // Build (run_all.py --family linear does this):
 //   g++ -std=c++20 -O2 -pthread -I shim -I build/gen emu_linear.cpp -o build/emu_linear
-// Run: ./emu_linear [case-name-substring] [--dtype fp16|bf16|fp32|fp64] [--order ...] [--eager] [--seed N]
+// Run: ./emu_linear [case-name-substring] [--dtype fp16,bf16,fp32,fp64] [--order ...] [--eager] [--seed N]
 // One line per (case, dtype, pass); ends with "N passed, N failed"; exit status 1 on any failure.
 // fp16 / bf16 run the tensor-core kernels (cases whose Dk, Dv fit them; other head dims run on the GPU as
 // the fp32 kernels on upcast inputs, which the fp32 lines cover).
@@ -503,10 +503,11 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < cs.size(); ++i) {
     if (!filter.empty() && cs[i].name.find(filter) == std::string::npos) continue;
     const unsigned seed = emu::g_cfg.seed * 1000u + static_cast<unsigned>(i);
-    if (dtype.empty() || dtype == "fp16") run_case<__half>(cs[i], seed, tot);
-    if (dtype.empty() || dtype == "bf16") run_case<__nv_bfloat16>(cs[i], seed, tot);
-    if (dtype.empty() || dtype == "fp32") run_case<float>(cs[i], seed, tot);
-    if (dtype.empty() || dtype == "fp64") run_case<double>(cs[i], seed, tot);
+    auto want = [&](const char* d) { return dtype.empty() || ("," + dtype + ",").find("," + std::string(d) + ",") != std::string::npos; };
+    if (want("fp16")) run_case<__half>(cs[i], seed, tot);
+    if (want("bf16")) run_case<__nv_bfloat16>(cs[i], seed, tot);
+    if (want("fp32")) run_case<float>(cs[i], seed, tot);
+    if (want("fp64")) run_case<double>(cs[i], seed, tot);
   }
   std::printf("%d passed, %d failed\n", tot.passed, tot.failed);
   return tot.failed ? 1 : 0;

@@ -1,5 +1,6 @@
 // Host-emulator check of the CUDA kernels: runs the real launchers and kernels (as converted by
-// gen_kernels.py) on emu_runtime.h and compares out, lse, dq, dk, dv with a float64 reference.
+// gen_kernels.py) on emu_runtime.h and compares out, lse, dq, dk, dv with a float64 reference; the decode
+// (flash_kvcache) cases are in emu_decode.h.
 //
 // Build (run_all.py does this):
 //   tensor cores: g++ -std=c++20 -O2 -pthread -I shim -I build/gen -DEMU_ELEM=__half -DEMU_HD=64 emu_main.cpp
@@ -18,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #ifdef EMU_GENERIC
+#include "cuda/decode.cu"
 #include "cuda/generic.cu"
 using Elem = EMU_T;
 using Lse = EMU_T;
@@ -30,6 +32,8 @@ using Lse = float;
 constexpr int kHD = EMU_HD;
 #else
 #include "cuda/bwd_kernel.cuh"
+#include "cuda/decode.cu"
+#include "cuda/decode_kernel.cuh"
 #include "cuda/fwd_kernel.cuh"
 using Elem = EMU_ELEM;
 using Lse = float;
@@ -131,7 +135,7 @@ std::vector<Case> cases(int hd) {
   c.push_back({"sparse_causal", 1, 2, 2, 193, 193, hd ? full : 256, -1, 0, 32, 16, false, false, false});
   c.push_back({"single", 1, 1, 1, 1, 1, hd ? full : 1, -1, -1, 0, 0, false, true, false});
   c.push_back({"ragged_small_d", 1, 2, 1, 97, 130, hd ? std::max(8, hd - 24) : 59, -1, -1, 0, 0, false, true, true});
-#ifndef EMU_SM90  // the Hopper kernels take neither packed batches nor score modifiers yet
+#ifndef EMU_SM90  // the Hopper kernels do not take packed batches (flash_varlen runs the mma.sync ones)
   // Packed batches: lengths 0 and 1, Sq_b != Sk_b both ways, a sequence without keys and one without queries,
   // GQA; the second gets max_seqlen above the longest lengths.
   Case v1{"varlen_causal", 6, 4, 2, 130, 150, hd ? full : 40, -1, 0, 0, 0, false, true, false};
@@ -142,6 +146,7 @@ std::vector<Case> cases(int hd) {
   v2.lens_q = {17, 129, 1, 64};
   v2.lens_k = {40, 129, 5, 0};
   c.push_back(v2);
+#endif
   // Score modifiers, alone, together, with a packed batch and with a block layout.
   Case m1{"softcap", 1, 2, 1, 130, 200, hd ? full : 64, -1, -1, 0, 0, false, true, true};
   m1.softcap = 1.5;
@@ -150,6 +155,7 @@ std::vector<Case> cases(int hd) {
   Case m2{"alibi_window_gqa", 2, 4, 2, 77, 160, hd ? full : 59, 60, 20, 0, 0, false, true, false};
   m2.alibi = 2;
   c.push_back(m2);
+#ifndef EMU_SM90
   Case m3{"mods_varlen_causal", 4, 2, 2, 128, 100, hd ? full : 160, -1, 0, 0, 0, false, true, false};
   m3.lens_q = {40, 0, 128, 1};
   m3.lens_k = {60, 7, 100, 1};
@@ -157,12 +163,12 @@ std::vector<Case> cases(int hd) {
   m3.alibi = 1;
   m3.qmul = 2;
   c.push_back(m3);
+#endif
   Case m4{"sparse_mods", 1, 2, 2, 100, 100, hd ? full : 256, -1, 0, 32, 16, false, false, false};
   m4.softcap = 3.0;
   m4.alibi = 1;
   m4.qmul = 2;
   c.push_back(m4);
-#endif
   // Many key tiles per query tile and query tiles per key tile: pipelines and rings wrap several times.
   c.push_back({"many_tiles", 1, 2, 1, 300, 700, full, -1, -1, 0, 0, false, false, true});
   return c;
@@ -674,6 +680,10 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   }
 }
 
+#ifndef EMU_SM90  // the decode kernel is an mma.sync / generic kernel on every GPU
+#include "emu_decode.h"
+#endif
+
 int main(int argc, char** argv) {
   std::string filter;
   for (int i = 1; i < argc; ++i) {
@@ -702,6 +712,12 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < cs.size(); ++i)
     if (filter.empty() || cs[i].name.find(filter) != std::string::npos)
       run_case(cs[i], emu::g_cfg.seed * 1000u + static_cast<unsigned>(i), tot);
+#ifndef EMU_SM90
+  const auto ds = decode_cases();
+  for (size_t i = 0; i < ds.size(); ++i)
+    if (filter.empty() || ds[i].name.find(filter) != std::string::npos)
+      run_decode_case(ds[i], emu::g_cfg.seed * 1000u + 500u + static_cast<unsigned>(i), tot);
+#endif
   std::printf("%d passed, %d failed\n", tot.passed, tot.failed);
   return tot.failed ? 1 : 0;
 }

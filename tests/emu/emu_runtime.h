@@ -358,7 +358,9 @@ inline void complete_barrier(Block& B) {
   B.arrived = 0;
   s90_on_syncthreads_complete(B);
   new_order(B);  // every warp restarts in a fresh order after the barrier
-  state_changed(B);
+  // Serial orders: no early wake-up of the current warp here (state_changed would let its other lanes run
+  // on while the last arriver parks itself to yield); the yield in syncthreads() hands the turn out.
+  if (!serial()) B.any_cv.notify_all();
 }
 
 inline void syncthreads() {
@@ -421,8 +423,10 @@ inline void thread_exit() {
   --B.live_in_warp[me.warp];
   --B.active[me.warp];
   if (B.arrived > 0 && B.arrived == B.live) complete_barrier(B);
-  state_changed(B);
-  if (serial() && B.cur == me.warp && B.active[me.warp] == 0) schedule(B);
+  if (serial() && B.cur == me.warp && B.active[me.warp] == 0)
+    schedule(B);
+  else
+    state_changed(B);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -861,6 +865,27 @@ inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value)
   emu::g_smem_attr.push_back({key, value});
   return cudaSuccess;
 }
+
+// Device memory for stand-alone programs (the probe): host memory registered as a writable buffer.
+enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+template <typename T>
+inline cudaError_t cudaMalloc(T** p, size_t bytes) {
+  void* m = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+  emu::add_region("cudaMalloc", m, bytes, true);
+  *p = static_cast<T*>(m);
+  return cudaSuccess;
+}
+inline cudaError_t cudaFree(void* p) {
+  auto& r = emu::g_regions;
+  r.erase(std::remove_if(r.begin(), r.end(), [p](const emu::Region& x) { return x.lo == p; }), r.end());
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+  std::memcpy(dst, src, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = emu::g_last_error;

@@ -982,6 +982,16 @@ inline void wgmma_wait(int n) {
   }
 }
 
+#ifdef EMU_SM90_PROGRAM
+// A stand-alone Hopper program (the probe): sm90 limits and tracking from the start.
+inline const bool kSm90Program = [] {
+  g_cfg.sm = 90;
+  g_cfg.max_smem = 232448;
+  g_cfg.track_s90 = true;
+  return true;
+}();
+#endif
+
 }  // namespace emu
 
 // The driver entry point of the launchers: the emulator's own cuTensorMapEncodeTiled.

@@ -53,7 +53,8 @@ def targets(hds, dtypes, families=FAMILIES):
 def build(name, defs, cxx, sanitize):
     exe = BUILD / (name + ("_asan" if sanitize else ""))
     main_src = HERE / ("emu_linear.cpp" if "-DEMU_LINEAR" in defs else "emu_main.cpp")
-    deps = [main_src, HERE / "emu_runtime.h", HERE / "emu_sm90.h", *(HERE / "shim").glob("*.h"),
+    deps = [main_src, HERE / "emu_runtime.h", HERE / "emu_sm90.h", HERE / "emu_decode.h",
+            *(HERE / "shim").glob("*.h"),
             *(BUILD / "gen").rglob("*")]
     if exe.exists() and exe.stat().st_mtime > max(p.stat().st_mtime for p in deps if p.is_file()):
         return exe
@@ -73,14 +74,25 @@ def main() -> int:
     ap.add_argument("--family", nargs="*", default=list(FAMILIES), choices=FAMILIES,
                     help="kernel families: mma (mma.sync), sm90 (wgmma/TMA), generic (fp32/fp64), "
                          "linear (linear attention, every dtype)")
-    ap.add_argument("--case", default="", help="only cases whose name contains this")
+    ap.add_argument("--case", default="", help="only cases whose name contains this (comma-separated: any of these)")
     ap.add_argument("--order", default="random", choices=["random", "fwd", "rev", "free"],
                     help="warp order between barriers (free: all warps at once)")
     ap.add_argument("--eager", action="store_true", help="cp.async lands at issue instead of at the wait")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--asan", action="store_true", help="build with AddressSanitizer (plain global accesses)")
     ap.add_argument("--cxx", default=os.environ.get("CXX", "g++"))
+    ap.add_argument("--probe", action="store_true",
+                    help="only the probe of the Hopper readings (tests/emu/sm90_probe.cu) under the emulator")
     args = ap.parse_args()
+    if args.probe:
+        BUILD.mkdir(exist_ok=True)
+        subprocess.run([sys.executable, str(HERE / "gen_kernels.py")], check=True)
+        exe = BUILD / "sm90_probe"
+        subprocess.run([args.cxx, "-std=c++20", "-O2", "-pthread", "-Wno-psabi", "-DEMU_SM90_PROGRAM", "-I",
+                        str(HERE / "shim"), "-I", str(BUILD / "gen"), str(BUILD / "gen" / "sm90_probe.cpp"), "-o",
+                        str(exe)], check=True)
+        r = subprocess.run([str(exe)])
+        return r.returncode
     bad = [h for h in args.hd if h not in HEAD_DIMS]
     if bad:
         ap.error(f"--hd: {bad} not in {HEAD_DIMS}")
@@ -91,23 +103,26 @@ def main() -> int:
     passed = failed = 0
     for name, defs in targets(args.hd, args.dtype, args.family):
         exe = build(name, defs, args.cxx, args.asan)
-        cmd = [str(exe), "--order", args.order, "--seed", str(args.seed)] + (["--eager"] if args.eager else [])
-        if args.case:
-            cmd.append(args.case)
         t = time.time()
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = r.stdout.splitlines()
-        for line in lines:
-            if not re.fullmatch(r"\d+ passed, \d+ failed", line):
-                print(line)
-        m = next((re.fullmatch(r"(\d+) passed, (\d+) failed", l) for l in reversed(lines)
-                  if re.fullmatch(r"(\d+) passed, (\d+) failed", l)), None)
-        if m is None:  # crashed or hung: count the binary as one failure
-            print(f"FAIL {name}: exited with status {r.returncode} before its summary")
-            failed += 1
-        else:
-            passed += int(m.group(1))
-            failed += int(m.group(2))
+        for case in (args.case.split(",") if args.case else [""]):
+            cmd = [str(exe), "--order", args.order, "--seed", str(args.seed)] + (["--eager"] if args.eager else [])
+            if name == "emu_linear":  # one binary for every dtype: pass the selection on
+                cmd += ["--dtype", ",".join(args.dtype)]
+            if case:
+                cmd.append(case)
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            lines = r.stdout.splitlines()
+            for line in lines:
+                if not re.fullmatch(r"\d+ passed, \d+ failed", line):
+                    print(line)
+            m = next((re.fullmatch(r"(\d+) passed, (\d+) failed", l) for l in reversed(lines)
+                      if re.fullmatch(r"(\d+) passed, (\d+) failed", l)), None)
+            if m is None:  # crashed or hung: count the run as one failure
+                print(f"FAIL {name} {case}: exited with status {r.returncode} before its summary")
+                failed += 1
+            else:
+                passed += int(m.group(1))
+                failed += int(m.group(2))
         print(f"-- {name}: {time.time() - t:.0f} s", flush=True)
     print(f"total time {time.time() - t0:.0f} s")
     print(f"{passed} passed, {failed} failed")

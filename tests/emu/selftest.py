@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Shows that the emulator can fail: builds copies of the converted kernels with one known bug each
 (a missing barrier, a missing column predicate, a wrong softcap derivative or tanh, a packed batch's row
-offset left out; for the Hopper kernels a wrong swizzle, a wrong mbarrier parity, missing mbarrier / wgmma
-waits, missing wgmma.fence and fence.proxy.async, a stage reused before its release, ...; for linear attention
-a missing barrier around the state, a wrong causal mask) and expects every
-one of them to be reported (non-zero exit: an emulator error or a wrong result).
-python3 tests/emu/selftest.py [name-substring]   (about 8 minutes for all on an idle machine)."""
+offset left out, a wrong page slot, a wrong combine weight; for the Hopper kernels a wrong swizzle, a wrong
+mbarrier parity, missing mbarrier / wgmma waits, missing wgmma.fence and fence.proxy.async, a stage reused
+before its release, ...; for linear attention missing barriers around the state, a wrong causal mask) and
+expects every one of them to be reported (non-zero exit: an emulator error or a wrong result).
+python3 tests/emu/selftest.py [name-substring]   (about 12 minutes for all on an idle machine)."""
 from __future__ import annotations
 
 import os
@@ -73,6 +73,13 @@ MUTATIONS = [
      "      }\n      fence_proxy_async();\n    }", "      }\n    }", SM90, "dense"),
     ("sm90 bwd: no named barrier between the dS^T stores and the dQ wgmma", "sm90/bwd.cuh",
      "named_sync(C::kBarDs + c, 128);  // the whole dS^T tile", "// the whole dS^T tile", SM90, "dense"),
+    ("decode: no barrier before the next K / V prefetch", "decode_kernel.cuh",
+     "__syncthreads();  // every warp is done with this stage", "//", ["-DEMU_ELEM=__half", "-DEMU_HD=64"], "decode"),
+    ("decode: page slot taken modulo 16 instead of the page size", "decode.h",
+     "(j % p.page_size) * st.s", "(j % 16) * st.s", ["-DEMU_ELEM=__nv_bfloat16", "-DEMU_HD=128"], "decode_paged64"),
+    ("decode combine: parts weighted by exp(lse_t - max) instead of exp(lse_t - lse)", "decode.cu",
+     "const P w = dexp(lp[r] - lse);", "const P w = dexp(lp[r] - mx);", ["-DEMU_GENERIC", "-DEMU_T=float"],
+     "decode"),
     # Linear attention (csrc/cuda/linear_kernel.cuh; built from emu_linear.cpp).
     ("linear tc fwd: no barrier between the warps' reads of the state and the chunk's update of it",
      "linear_kernel.cuh", "__syncthreads();  // every warp has read the state before this chunk is added to it",

@@ -9,7 +9,8 @@
 //      warpgroups 1, 2 (consumers): warpgroup c owns keys 64 (c % KG) .. + 63 of the tile and columns
 //        [HDP (c / KG), + HDP) of dK and dV, KG = TK / 64 key groups, HDP = HD / (2 / KG). Per item:
 //          S^T = K_c Q^T, dP^T = V_c dO^T   wgmma m64n64k16, A (keys) and B (queries) from shared memory
-//          P^T = 2^(S^T scale log2 e - lse), dS^T = P^T (dP^T - delta)   (mask.h's rule where needed)
+//          P^T = 2^(S^T scale log2 e - lse), dS^T = P^T (dP^T - delta)   (mask.h's rule where needed;
+//                                            kMod: softcap / ALiBi through score_mod.cuh, dS^T times g)
 //          dV += P^T dO, dK += dS^T Q        wgmma m64n{HDP}k16, A = P^T / dS^T from registers (the
 //                                            accumulator layout of S^T is the A fragment layout), B N-major
 //          dQ += dS K (non-deterministic)    dS^T goes to the warpgroup's own shared tile; wgmma with A =
@@ -31,6 +32,7 @@
 
 #include "../../mask.h"
 #include "../bwd_kernel.cuh"
+#include "../score_mod.cuh"
 #include "common.cuh"
 #include "fwd.cuh"
 #include "tiles.h"
@@ -75,7 +77,8 @@ __device__ __forceinline__ float lse_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;  // a row that sees nothing: P = 0
 }
 
-template <typename Elem, int HD>
+// kMod: softcap / ALiBi on (score_mod.cuh; dS takes the cap's derivative g).
+template <typename Elem, int HD, bool kMod>
 __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __grid_constant__ BwdParams prm) {
   using C = BwdCfg<HD>;
   using KT = Sw128Tile<C::TK>;
@@ -183,6 +186,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
     const uint32_t ph = (it / C::kStages) & 1;
     const int64_t h = h0 + gi;
     const int64_t q0 = cur.tile * C::TQ;
+    const tc::ModFrag mod(p, b, h, p.seq(b));  // kMod only
 
     // Visibility of this thread's 32 scores (bit 4 j + 2 i + e: key key0 + 8 i, query q0 + 8 j + 2 t + e),
     // while the item is still in flight.
@@ -219,6 +223,8 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
     // P^T and dS^T (accumulator (j, i, e): key key0 + 8 i, query column 8 j + 2 t + e), as A fragments:
     // k-step kk covers queries 16 kk .. 16 kk + 15 = accumulator columns j = 2 kk, 2 kk + 1.
     const float* v = vec(s);
+    // kMod: ALiBi distance (query + Sk - Sq - key) of the thread's first score of the item.
+    const float d0 = kMod ? mod.dist(q0 + 2 * t, key0) : 0.f;
     uint32_t pa[4][4], da[4][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -229,9 +235,15 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
       for (int x = 0; x < 4; ++x) {
         const float l2 = (x & 1) ? lse2.y : lse2.x;
         const float dl = (x & 1) ? del2.y : del2.x;
-        const float pv = tc::fast_exp2(st[4 * j + x] * sl2 - l2);
+        float gcap = 1.f, sx;
+        if constexpr (kMod)  // element 4 j + x: key + 8 (x / 2), query + 8 j + x % 2
+          sx = mod.score(st[4 * j + x], d0 + static_cast<float>(8 * j + (x & 1) - 8 * (x >> 1)), gcap);
+        else
+          sx = st[4 * j + x] * sl2;
+        const float pv = tc::fast_exp2(sx - l2);
         pr[x] = (vis >> (4 * j + x)) & 1u ? pv : 0.f;
         ds[x] = pr[x] * (dpt[4 * j + x] - dl);
+        if constexpr (kMod) ds[x] *= gcap;
       }
       pa[j >> 1][2 * (j & 1)] = tc::pack2<Elem>(pr[0], pr[1]);
       pa[j >> 1][2 * (j & 1) + 1] = tc::pack2<Elem>(pr[2], pr[3]);
@@ -356,7 +368,7 @@ struct DqCfg {
   static_assert(kSmem <= 232448, "shared memory");
 };
 
-template <typename Elem, int HD>
+template <typename Elem, int HD, bool kMod>
 __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid_constant__ BwdParams prm) {
   using C = DqCfg<HD>;
   using QT = Sw128Tile<C::TQ>;
@@ -424,6 +436,7 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
   const int ti = tid % 128, wi = ti / 32, lane = ti % 32, g = lane / 4, t = lane % 4;
   const float scale = static_cast<float>(p.scale);
   const float sl2 = static_cast<float>(p.scale * 1.4426950408889634);
+  const tc::ModFrag mod(p, b, h, p.seq(b));  // kMod only
   const int64_t wrow = q0 + 16 * wi;  // this warp's first row; the thread's rows: wrow + g (+ 8)
   float m[2], dd[2];
 #pragma unroll
@@ -463,9 +476,17 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(sc);
+    // P in place (kMod: P times the cap's derivative g, all dS needs here). Element 4 j + 2 i + e: row
+    // + 8 i, key + 8 j + e.
+    const float d0 = kMod ? mod.dist(wrow + g, static_cast<int64_t>(tile) * C::TK + 2 * t) : 0.f;
 #pragma unroll
     for (int x = 0; x < C::TK / 2; ++x) {
-      const float pv = tc::fast_exp2(sc[x] * sl2 - m[(x >> 1) & 1]);
+      float gcap = 1.f, sx;
+      if constexpr (kMod)
+        sx = mod.score(sc[x], d0 + static_cast<float>(8 * ((x >> 1) & 1) - 8 * (x >> 2) - (x & 1)), gcap);
+      else
+        sx = sc[x] * sl2;
+      const float pv = tc::fast_exp2(sx - m[(x >> 1) & 1]) * gcap;
       sc[x] = (!need || ((vis >> x) & 1)) ? pv : 0.f;
     }
     float dp[C::TK / 2];
@@ -548,6 +569,7 @@ void sm90_bwd_run(const AttnParams& p, cudaStream_t stream) {
     sm90::check_launch(where + "delta kernel: ");
   }
   constexpr bool bf16 = std::is_same<Elem, __nv_bfloat16>::value;
+  const bool mods = p.softcap > 0 || p.alibi;
   sm90::BwdParams prm;
   prm.p = p;
   if (p.batch * p.hk * p.sk > 0) {
@@ -560,7 +582,7 @@ void sm90_bwd_run(const AttnParams& p, cudaStream_t stream) {
     sm90::make_tmap(&prm.tv, p.v, bf16, p.d, p.sk, p.hk, p.batch, p.v_st, C::TK, "v");
     sm90::make_tmap(&prm.tdk, p.dk, bf16, p.d, p.sk, p.hk, p.batch, p.dk_st, 64, "dk");
     sm90::make_tmap(&prm.tdv, p.dv, bf16, p.d, p.sk, p.hk, p.batch, p.dv_st, 64, "dv");
-    auto kernel = sm90::dkdv_kernel<Elem, HD>;
+    auto kernel = mods ? sm90::dkdv_kernel<Elem, HD, true> : sm90::dkdv_kernel<Elem, HD, false>;
     sm90::set_smem(kernel, C::kSmem, where + "dK/dV kernel: ");
     const dim3 grid(static_cast<unsigned>(cdiv(p.sk, C::TK)), static_cast<unsigned>(p.hk),
                     static_cast<unsigned>(p.batch));
@@ -577,7 +599,7 @@ void sm90_bwd_run(const AttnParams& p, cudaStream_t stream) {
       sm90::make_tmap(&prm.tq, p.q, bf16, p.d, p.sq, p.hq, p.batch, p.q_st, D::TQ, "q");
       sm90::make_tmap(&prm.tdo, p.dout, bf16, p.d, p.sq, p.hq, p.batch, p.do_st, D::TQ, "dout");
     }
-    auto kernel = sm90::dq_kernel<Elem, HD>;
+    auto kernel = mods ? sm90::dq_kernel<Elem, HD, true> : sm90::dq_kernel<Elem, HD, false>;
     sm90::set_smem(kernel, D::kSmem, where + "dQ kernel: ");
     const dim3 grid(static_cast<unsigned>(cdiv(p.sq, D::TQ)), static_cast<unsigned>(p.hq),
                     static_cast<unsigned>(p.batch));

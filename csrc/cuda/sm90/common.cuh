@@ -18,11 +18,9 @@
 #include <stdexcept>
 #include <string>
 
-#include <cuda.h>
-#include <cudaTypedefs.h>
-
 #include "../../params.h"
 #include "ptx.cuh"
+#include "tmap.h"
 
 namespace fused_attn {
 namespace sm90 {
@@ -71,20 +69,7 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host: tensor maps through the driver entry point obtained at run time (nothing links libcuda).
-
-inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled_fn() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    (void)cudaGetLastError();
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
+// Host: tensor maps (the driver entry point: tmap.h).
 
 // A (B, H, S, D) tensor of 2-byte elements (unit stride in D) as a 4-D tensor map {D, S, H, B}, box
 // {64, box_rows, 1, 1}, 128-byte swizzle; loads outside the tensor read zeros, stores there are dropped.

@@ -17,6 +17,8 @@
 //   Epilogue: O / l in Elem through the warpgroup's rows of the Q tile (st.shared, fence.proxy.async) and
 //   a TMA store (rows past Sq, columns past d are dropped by the tensor map); lse = (m + log2 l) ln 2.
 // Rows that see no key keep m = -inf, l = 0: O = 0, lse = -inf, no NaN (as in the mma.sync kernels).
+// Softcap and ALiBi (mask.h's ScoreMod) run in a kMod instantiation through score_mod.cuh, as in the
+// mma.sync family.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,6 +29,7 @@
 #include <string>
 
 #include "../../mask.h"
+#include "../score_mod.cuh"
 #include "../tc_common.cuh"
 #include "common.cuh"
 #include "tiles.h"
@@ -103,14 +106,24 @@ __device__ __forceinline__ uint64_t visible_bits(const AttnParams& p, int64_t b,
   return vis;
 }
 
-// Online softmax step on a fresh S tile (raw scores): masks, updates the running max m and row sums l
-// (this lane's partial sums; reduced over the quad at the end), writes P as A fragments of P V and
-// returns the factor alpha by which O must be rescaled (once the previous P V has retired).
-template <typename Elem, int BN>
-__device__ __forceinline__ void softmax_step(float (&s)[BN / 2], uint64_t vis, bool need, float sl2, float (&m)[2],
-                                             float (&l)[2], float (&alpha)[2], uint32_t (&pf)[BN / 16][4]) {
+// Online softmax step on a fresh S tile (raw scores q.k): to base-2 scores (x = s scale log2 e; kMod:
+// softcap and ALiBi through score_mod.cuh's ModFrag, d0 = the ALiBi distance of the thread's first
+// element), masks, updates the running max m and row sums l (this lane's partial sums; reduced over the
+// quad at the end), writes P as A fragments of P V and returns the factor alpha by which O must be
+// rescaled (once the previous P V has retired).
+template <typename Elem, int BN, bool kMod>
+__device__ __forceinline__ void softmax_step(float (&s)[BN / 2], uint64_t vis, bool need, float sl2,
+                                             const tc::ModFrag& mod, float d0, float (&m)[2], float (&l)[2],
+                                             float (&alpha)[2], uint32_t (&pf)[BN / 16][4]) {
+  if constexpr (kMod) {
+    // Element 4 j + 2 i + e: row + 8 i, key + 8 j + e.
 #pragma unroll
-  for (int i = 0; i < BN / 2; ++i) s[i] *= sl2;
+    for (int i = 0; i < BN / 2; ++i)
+      s[i] = mod.score(s[i], d0 + static_cast<float>(8 * ((i >> 1) & 1) - 8 * (i >> 2) - (i & 1)));
+  } else {
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] *= sl2;
+  }
   if (need) {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i)
@@ -150,7 +163,8 @@ __device__ __forceinline__ void softmax_step(float (&s)[BN / 2], uint64_t vis, b
   }
 }
 
-template <typename Elem, int HD>
+// kMod: softcap / ALiBi on (a separate instantiation, so that plain calls keep their registers).
+template <typename Elem, int HD, bool kMod>
 __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams prm) {
   using C = FwdCfg<HD>;
   using QT = Sw128Tile<C::kBM>;
@@ -235,6 +249,9 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
   const int g = lane / 4, t = lane % 4;
   const int64_t rbase = q0 + 64 * cw + 16 * wi + g;  // this thread's rows: rbase, rbase + 8
   const float sl2 = static_cast<float>(p.scale * 1.4426950408889634);
+  const tc::ModFrag mod(p, b, h, p.seq(b));  // kMod only (unused, and dropped, otherwise)
+  // ALiBi distance (row + Sk - Sq - key) of this thread's first score of key tile `tile`.
+  auto dist0 = [&](int tile) { return kMod ? mod.dist(q0 + 64 * cw + 16 * wi + g, int64_t(tile) * C::kBN + 2 * t) : 0.f; };
 
   float o[C::kNO];
 #pragma unroll
@@ -262,7 +279,6 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
     mbar_wait(full_k(0), 0);
     named_sync(sched_mine, 256);
     wgmma_fence();
-#pragma unroll
     {
       const uint64_t dq = dQ(), dk = dK();
 #pragma unroll
@@ -276,7 +292,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
     wgmma_wait<0>();
     fence_regs(s);
     if (ti == 0) mbar_arrive(empty_k(0));
-    softmax_step<Elem, C::kBN>(s, vis, need, sl2, m, l, alpha, pf);
+    softmax_step<Elem, C::kBN, kMod>(s, vis, need, sl2, mod, dist0(tile), m, l, alpha, pf);
 
     int it = 0;  // visible tiles consumed so far; ring slot it % kStages
     uint32_t pn[C::kKP][4];
@@ -310,7 +326,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
       wgmma_wait<1>();  // S of the new tile has retired; P V of the current one may still run
       fence_regs(s);
       if (ti == 0) mbar_arrive(empty_k(s1));
-      softmax_step<Elem, C::kBN>(s, vis, need, sl2, m, l, alpha, pb);
+      softmax_step<Elem, C::kBN, kMod>(s, vis, need, sl2, mod, dist0(nt), m, l, alpha, pb);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(pa);
@@ -417,7 +433,7 @@ void sm90_fwd_run(const AttnParams& p, cudaStream_t stream) {
   sm90::make_tmap(&prm.tk, p.k, bf16, p.d, p.sk, p.hk, p.batch, p.k_st, C::kBN, "k");
   sm90::make_tmap(&prm.tv, p.v, bf16, p.d, p.sk, p.hk, p.batch, p.v_st, C::kBN, "v");
   sm90::make_tmap(&prm.to, p.o, bf16, p.d, p.sq, p.hq, p.batch, p.o_st, 64, "out");
-  auto kernel = sm90::fwd_kernel<Elem, HD>;
+  auto kernel = p.softcap > 0 || p.alibi ? sm90::fwd_kernel<Elem, HD, true> : sm90::fwd_kernel<Elem, HD, false>;
   sm90::set_smem(kernel, C::kSmem, where);
   const dim3 grid(static_cast<unsigned>(nq), static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
   kernel<<<grid, C::kThreads, C::kSmem, stream>>>(prm);
