@@ -35,9 +35,9 @@ SUBSETS = {
     "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods"),
     "generic": ("generic", "fp32", 64, "dense,sparse_causal,decode_mqa_window_split4"),
     # linear attention (emu_linear.cpp's case names; one binary, the head dim is the case's): tensor cores
-    # with the two-level scan both ways, non-causal Sq != Sk, S = 1; fp32 with odd dims and a state.
+    # with the two-level scan both ways, non-causal Sq != Sk, S = 1; fp32 with odd dims and an initial state.
     "linear": ("linear", "bf16", 64, "state_segments,noncausal_relu_sq_ne_sk,single"),
-    "linear_fp32": ("linear", "fp32", 64, "odd_d_relu,state_elu1"),
+    "linear_fp32": ("linear", "fp32", 64, "odd_d_relu"),
 }
 
 
