@@ -112,7 +112,8 @@ def extensions():
         a.startswith("9.0") for a in archs.replace(";", " ").split())
     gen90 = [f"csrc/cuda/generated/sm90_{p}_{d}_hd{h}.cu" for p in ("fwd", "bwd") for d in dts
              for h in hds if h in SM90_HEAD_DIMS] if want90 else []
-    sources += ["csrc/cuda/launch.cu", "csrc/cuda/generic.cu", "csrc/cuda/decode.cu", "csrc/cuda/sm90/launch.cu"] + gen
+    sources += ["csrc/cuda/launch.cu", "csrc/cuda/generic.cu", "csrc/cuda/decode.cu", "csrc/cuda/sm90/launch.cu",
+                "csrc/cuda/linear.cu"] + gen
     log(f"archs {archs}; tensor-core head dims {hds}; dtypes {dts}; {len(gen)} generated files; "
         f"{len(gen90)} sm_90a files")
     archs_info = archs + (" (+ sm_90a: wgmma/TMA kernels)" if gen90 else "")

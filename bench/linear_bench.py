@@ -10,6 +10,12 @@ attention costs O(S D^2), flash O(S^2 D): the summary gives the speed-up at each
 Group `linformer`: examples/linformer.py's attention (flash over keys and values projected to k_proj rows)
 beside flash over the full sequence, non-causal, B1 H8 D64.
 
+--device cuda (a GPU session): the `linear` group on the GPU in bf16 (--dtype), B1 H8 D64, S from 1k to 64k:
+fused_attn.linear_attention (tensor-core forward; fp32 kernels for the backward) beside fused_attn.flash(causal)
+and, when the package is importable, flash-linear-attention's chunk_linear_attn (Triton; `fla_chunk`, with the
+elu1 + 1 map applied by PyTorch inside the timed call, as fla's own layer does, and (B, S, H, D) copies made
+outside it). Times are CUDA-event medians.
+
 Peers run in the same process, interleaved rep by rep (rotating who goes first), median after warm-up, as
 in bench/bench.py. flash is skipped (and says so) where one call would take too long for the sweep.
 Outputs: linear_results<tag>.json / .csv and linear_time<tag>.png, linformer_time<tag>.png in --out,
@@ -40,7 +46,10 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 import linformer  # noqa: E402
 
 
-def linear_cases(quick):
+def linear_cases(quick, cuda=False):
+    if cuda:
+        seqs = [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+        return [dict(group="linear", mode=m, seqlen=s) for m in ("fwd", "fwd+bwd") for s in seqs]
     seqs = [256, 512, 1024, 2048, 4096] if quick else [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     return [dict(group="linear", mode=m, seqlen=s) for m in ("fwd", "fwd+bwd") for s in seqs]
 
@@ -55,8 +64,35 @@ def linformer_cases(quick):
 FLASH_LIMIT = {"fwd": 16384, "fwd+bwd": 8192}
 
 
-def impls_for(case, q, k, v, proj):
+def fla_chunk():
+    """flash-linear-attention's chunk_linear_attn, or None when the package is not importable."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except Exception:  # noqa: BLE001  (not installed, or no Triton for this GPU)
+        return None
+    import inspect
+
+    kw = {"head_first": False} if "head_first" in inspect.signature(chunk_linear_attn).parameters else {}
+
+    def run(q, k, v):  # q, k, v: (B, S, H, D)
+        phi = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
+        return chunk_linear_attn(phi(q), phi(k), v, scale=1.0, normalize=True, **kw)[0]
+    return run
+
+
+def impls_for(case, q, k, v, proj, opts=None):
     s = case["seqlen"]
+    if case["group"] == "linear" and opts is not None and opts.device == "cuda":
+        out = {
+            "linear_causal": lambda: fused_attn.linear_attention(q, k, v, causal=True),
+            "linear_noncausal": lambda: fused_attn.linear_attention(q, k, v, causal=False),
+            "flash_causal": lambda: fused_attn.flash(q, k, v, causal=True),
+        }
+        fla = fla_chunk()
+        if fla is not None:
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out["fla_chunk"] = (lambda: fla(qt, kt, vt), (qt, kt, vt))
+        return out
     if case["group"] == "linear":
         out = {
             "linear_causal": lambda: fused_attn.linear_attention(q, k, v, causal=True),
@@ -74,6 +110,8 @@ def impls_for(case, q, k, v, proj):
 def timer(opts):
     """Wall-clock ms (bench/bench.py's timer), or with --cpu-time this process's CPU ms, which a busy
     machine does not inflate (meant for --threads 1, where it is the one compute thread's time)."""
+    if opts.device == "cuda":
+        return lambda fn: core.time_ms(fn, torch.device("cuda"))
     if not opts.cpu_time:
         return lambda fn: core.time_ms(fn, torch.device("cpu"))
 
@@ -90,11 +128,16 @@ def run_case(case, opts):
     s = case["seqlen"]
     gen = torch.Generator().manual_seed(0)
     grad = case["mode"] != "fwd"
-    q, k, v = (torch.randn(b, h, s, d, generator=gen).requires_grad_(grad) for _ in range(3))
-    proj = (torch.randn(opts.k_proj, s, generator=gen) / s ** 0.5).requires_grad_(grad)
-    dout = torch.randn(b, h, s, d, generator=gen)
-    fns = impls_for(case, q, k, v, proj)
+    dev, dt = opts.device, getattr(torch, opts.dtype)
+    q, k, v = (torch.randn(b, h, s, d, generator=gen).to(dev, dt).requires_grad_(grad) for _ in range(3))
+    proj = (torch.randn(opts.k_proj, s, generator=gen) / s ** 0.5).to(dev, dt).requires_grad_(grad)
+    dout = torch.randn(b, h, s, d, generator=gen).to(dev, dt)
+    fns = impls_for(case, q, k, v, proj, opts)
     leaves = (q, k, v) + ((proj,) if case["group"] == "linformer" else ())
+    own_leaves = {}  # impls that take their own copies of the inputs (another layout)
+    for name, fn in list(fns.items()):
+        if isinstance(fn, tuple):
+            fns[name], own_leaves[name] = fn
 
     def step_of(fn, name):
         if case["mode"] == "fwd":
@@ -102,10 +145,11 @@ def run_case(case, opts):
                 with torch.no_grad():
                     return fn()
             return step
-        ins = leaves if name == "linformer" else (q, k, v)
+        ins = leaves if name == "linformer" else own_leaves.get(name, (q, k, v))
+        g_out = dout.transpose(1, 2).contiguous() if name in own_leaves else dout
 
         def step():
-            return torch.autograd.grad(fn(), ins, dout)
+            return torch.autograd.grad(fn(), ins, g_out)
         return step
 
     steps = {name: step_of(fn, name) for name, fn in fns.items()}
@@ -122,12 +166,15 @@ def run_case(case, opts):
             times[name].append(clock(steps[name]))
     rows = []
     for name in names:
-        rows.append(dict(case, impl=name, batch=b, heads=h, head_dim=d, dtype="float32",
+        rows.append(dict(case, impl=name, batch=b, heads=h, head_dim=d, dtype=opts.dtype, device=dev,
                          k_proj=opts.k_proj if case["group"] == "linformer" else None,
                          ms=statistics.median(times[name]), ms_min=min(times[name]), reps=len(times[name])))
     skipped = {"flash_causal"} - set(names) if case["group"] == "linear" else set()
+    if dev == "cuda" and case["group"] == "linear" and "fla_chunk" not in names:
+        rows.append(dict(case, impl="fla_chunk", batch=b, heads=h, head_dim=d, dtype=opts.dtype, device=dev, ms=None,
+                         reps=0, status="skipped", error="flash-linear-attention (fla) is not importable here"))
     for name in skipped:
-        rows.append(dict(case, impl=name, batch=b, heads=h, head_dim=d, dtype="float32", ms=None, reps=0,
+        rows.append(dict(case, impl=name, batch=b, heads=h, head_dim=d, dtype=opts.dtype, ms=None, reps=0,
                          status="skipped", error=f"S > {FLASH_LIMIT[case['mode']]}: one call would take minutes on a "
                                                  "busy 2-core machine (quadratic)"))
     del q, k, v, dout, proj, steps
@@ -170,7 +217,7 @@ def plot(rows, out_dir, opts):
     import matplotlib.pyplot as plt
 
     for group, fname, impls in (("linear", f"linear_time{opts.tag}.png",
-                                 ("linear_causal", "linear_noncausal", "flash_causal")),
+                                 ("linear_causal", "linear_noncausal", "flash_causal", "fla_chunk")),
                                 ("linformer", f"linformer_time{opts.tag}.png", ("linformer", "flash_full"))):
         sel = [r for r in rows if r["group"] == group and r.get("ms")]
         if not sel:
@@ -185,13 +232,14 @@ def plot(rows, out_dir, opts):
             ax.set_yscale("log")
             ax.set_xlabel("sequence length S")
             ax.set_ylabel(("CPU ms, 1 thread" if opts.cpu_time else "ms") + " (median)")
-            ax.set_title(f"{mode}, B1 H8 D64 fp32" + (", k_proj " + str(sel[0].get("k_proj")) if group == "linformer"
+            ax.set_title(f"{mode}, B1 H8 D64 {opts.dtype}" + (", k_proj " + str(sel[0].get("k_proj")) if group == "linformer"
                                                       else ""))
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
         fig.suptitle(f"{'linear attention vs flash (causal)' if group == 'linear' else 'Linformer vs full attention'}"
-                     f" - {core.machine_name(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), "
-                     f"{'CPU time' if opts.cpu_time else 'wall clock'}")
+                     f" - {core.machine_name(torch.device(opts.device))}"
+                     + (f", {torch.get_num_threads()} thread(s), {'CPU time' if opts.cpu_time else 'wall clock'}"
+                        if opts.device == "cpu" else ", CUDA events"))
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
@@ -219,13 +267,25 @@ def main(argv=None):
                     help="time with this process's CPU time instead of wall-clock (use with --threads 1)")
     ap.add_argument("--tag", default="", help="suffix of the output files, e.g. _1thread")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the linear group on the GPU against flash and flash-linear-attention")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     opts = ap.parse_args(argv)
+    if opts.dtype is None:
+        opts.dtype = "bfloat16" if opts.device == "cuda" else "float32"
+    if opts.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device")
+        FLASH_LIMIT.update({"fwd": 1 << 30, "fwd+bwd": 1 << 30})
+        opts.groups = "linear"
+        if opts.tag == "":
+            opts.tag = "_cuda"
     if opts.threads:
         torch.set_num_threads(opts.threads)
     groups = opts.groups.split(",")
-    cases = (linear_cases(opts.quick) if "linear" in groups else []) + \
+    cases = (linear_cases(opts.quick, opts.device == "cuda") if "linear" in groups else []) + \
             (linformer_cases(opts.quick) if "linformer" in groups else [])
-    machine = core.machine_name(torch.device("cpu"))
+    machine = core.machine_name(torch.device(opts.device))
     out_dir = opts.out or HERE / "results" / machine
     load_before = _loadavg()
     rows = []
@@ -242,7 +302,7 @@ def main(argv=None):
 
 
 def write(rows, opts, machine, out_dir, load_before):
-    meta = dict(machine=machine, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+    meta = dict(machine=machine, device=opts.device, threads=torch.get_num_threads(), torch=torch.__version__,
                 python=platform.python_version(), processor=platform.processor() or platform.machine(),
                 date=datetime.date.today().isoformat(),
                 method="median of interleaved reps after warm-up, peers in one process (bench/linear_bench.py)",

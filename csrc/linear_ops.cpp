@@ -15,6 +15,17 @@
 
 #include "linear_kernels.h"
 
+#ifdef FA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdlib>
+
+#include "cuda/linear_launch.h"
+#endif
+
 namespace fused_attn {
 namespace {
 
@@ -212,6 +223,195 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cpu(
   return {dq.to(back), dk_t.to(back), dv_t.to(back), ds0, dz0};
 }
 
+// --------------------------------------------------------------------------------------------- CUDA
+#ifdef FA_WITH_CUDA
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    case at::kFloat: return DType::f32;
+    default: return DType::f64;
+  }
+}
+
+// The tensor-core kernel moves rows in 16-byte pieces: a view whose rows do not start 16-byte aligned is
+// copied (ordinary tensors never are).
+Tensor rows_aligned16(const Tensor& t) {
+  if (t.numel() == 0) return t;
+  const int64_t e = static_cast<int64_t>(t.element_size());
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i < 3 && ok; ++i) ok = t.size(i) <= 1 || (t.stride(i) * e) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+// Segments of the tensor-core kernels' two-level scan: enough (batch x head, segment) blocks for two per SM,
+// each segment at least two 64-row chunks (a segment costs one extra pass over its keys for its sum); 1
+// when batch x head alone fill the GPU. FUSED_ATTN_LINEAR_SEGMENTS=n forces n (tests), clamped to the chunks.
+int64_t sm_count(int device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  return n;
+}
+
+int64_t pick_segments(int64_t bh, int64_t rows, int device) {
+  const int64_t nch = (rows + 63) / 64;
+  int64_t n;
+  if (const char* env = std::getenv("FUSED_ATTN_LINEAR_SEGMENTS")) {
+    n = std::atoll(env);
+  } else {
+    const int64_t sms = sm_count(device);
+    n = bh >= 2 * sms ? 1 : std::min((2 * sms + bh - 1) / bh, nch / 2);
+  }
+  n = std::min<int64_t>(std::min<int64_t>(n, nch), 65535);
+  return (n < 2 || bh > 65535) ? 1 : n;
+}
+
+// Allocates the scan's slots when p.segments > 1.
+Tensor set_segments(LinearParams& p, const Tensor& q) {
+  p.segments = pick_segments(p.batch * p.heads, std::max(p.sq, p.sk), q.device().index());
+  if (p.segments == 1) return Tensor();
+  Tensor t = at::empty({p.batch * p.heads * (p.segments + 1) * (p.dk_dim * p.dv_dim + 2 * p.dk_dim)},
+                       q.options().dtype(at::kFloat));
+  p.seg_state = t.data_ptr();
+  return t;
+}
+
+void check_cuda_dims(const Tensor& q, const Tensor& v) {
+  const int64_t mx = linear_generic_max_d();
+  TORCH_CHECK_VALUE(q.size(3) <= mx && v.size(3) <= mx, "q, v: the CUDA linear-attention kernels take head dims <= ",
+                    mx, ", got Dk = ", q.size(3), " and Dv = ", v.size(3));
+}
+
+// fp16 / bf16 with Dk, Dv multiples of 8 <= 128: the tensor-core kernels on the inputs as they are. Everything
+// else on the fp32 / fp64 kernels, fp16 / bf16 (other head dims) upcast to fp32 around them.
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
+                                                           const Tensor& v_in, const std::optional<Tensor>& s0_in,
+                                                           const std::optional<Tensor>& z0_in, bool causal,
+                                                           std::string feature_map, bool normalize, double scale,
+                                                           double eps) {
+  check_inputs(q_in, k_in, v_in, causal, eps);
+  check_state("initial state", s0_in, z0_in, q_in, v_in, true);
+  TORCH_CHECK_VALUE(causal || !s0_in.has_value(), "initial_state: only causal linear attention continues a "
+                    "sequence; got causal=False with an initial state");
+  check_cuda_dims(q_in, v_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const bool tc = (q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16) &&
+                  linear_tc_fits(q_in.size(3), v_in.size(3));
+  const Tensor q = tc ? rows_aligned16(q_in) : compute(q_in);
+  const Tensor k = tc ? rows_aligned16(k_in) : compute(k_in);
+  const Tensor v = tc ? rows_aligned16(v_in) : compute(v_in);
+  const auto sd = state_type(q_in);
+  const int64_t b = q.size(0), h = q.size(1), dk = q.size(3), dv = v.size(3);
+  Tensor out = at::empty({b, h, q.size(2), dv}, q.options());
+  Tensor den = at::empty({b, h, q.size(2)}, q.options().dtype(sd));
+  Tensor s = at::empty({b, h, dk, dv}, q.options().dtype(sd));
+  Tensor z = at::empty({b, h, dk}, q.options().dtype(sd));
+  if (b * h == 0) return {out.to(q_in.scalar_type()), den, s, z};
+  LinearParams p = base(q, k, v, causal, feature_map, normalize, scale, eps);
+  Tensor s0, z0, work;
+  if (s0_in.has_value()) {
+    s0 = s0_in->contiguous();
+    z0 = z0_in->contiguous();
+    p.s0 = s0.data_ptr();
+    p.z0 = z0.data_ptr();
+  }
+  if (!tc) {
+    work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));
+    p.work = work.data_ptr();
+  } else {
+    work = set_segments(p, q);
+  }
+  p.o = out.data_ptr();
+  p.o_st = strides4(out);
+  p.den = den.data_ptr();
+  p.s_out = s.data_ptr();
+  p.z_out = z.data_ptr();
+  linear_cuda_fwd(p, tc ? dtype_of(q) : kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream());
+  return {out.to(q_in.scalar_type()), den, s, z};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cuda(
+    const Tensor& dout_in, const std::optional<Tensor>& ds_in, const std::optional<Tensor>& dz_in,
+    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in, const Tensor& den_in,
+    const std::optional<Tensor>& s0_in, const std::optional<Tensor>& z0_in, bool causal, std::string feature_map,
+    bool normalize, double scale, double eps) {
+  check_inputs(q_in, k_in, v_in, causal, eps);
+  check_state("initial state", s0_in, z0_in, q_in, v_in, true);
+  check_state("state gradient", ds_in, dz_in, q_in, v_in, false);
+  check_cuda_dims(q_in, v_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const auto sd = state_type(q_in);
+  const int64_t b = q_in.size(0), h = q_in.size(1), sq = q_in.size(2), dk = q_in.size(3), dv = v_in.size(3);
+  TORCH_CHECK_VALUE(dout_in.dim() == 4 && dout_in.size(0) == b && dout_in.size(1) == h && dout_in.size(2) == sq &&
+                        dout_in.size(3) == dv && out_in.sizes() == dout_in.sizes(),
+                    "dout, out: expected shape (B, H, Sq, Dv) = (", b, ", ", h, ", ", sq, ", ", dv, "), got ",
+                    lin_shape(dout_in), " and ", lin_shape(out_in));
+  TORCH_CHECK_VALUE(den_in.dim() == 3 && den_in.size(0) == b && den_in.size(1) == h && den_in.size(2) == sq &&
+                        den_in.scalar_type() == sd,
+                    "den: expected ", sd, " of shape (B, H, Sq), got ", lin_shape(den_in));
+  const bool tc = (q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16) &&
+                  linear_tc_fits(dk, dv);
+  const Tensor q = tc ? rows_aligned16(q_in) : compute(q_in);
+  const Tensor k = tc ? rows_aligned16(k_in) : compute(k_in);
+  const Tensor v = tc ? rows_aligned16(v_in) : compute(v_in);
+  const auto ct = q.scalar_type();
+  // Contiguous: 16-byte aligned rows for the tensor cores (an expanded scalar gradient has stride 0).
+  const Tensor dout = dout_in.to(ct).contiguous();
+  const Tensor out = out_in.to(ct).contiguous();
+  const Tensor den = den_in.contiguous();
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk_t = at::empty(k.sizes(), k.options());
+  Tensor dv_t = at::empty(v.sizes(), v.options());
+  Tensor ds0 = at::empty({b, h, dk, dv}, q.options().dtype(sd));
+  Tensor dz0 = at::empty({b, h, dk}, q.options().dtype(sd));
+  const auto back = q_in.scalar_type();
+  if (b * h == 0) return {dq.to(back), dk_t.to(back), dv_t.to(back), ds0, dz0};
+  LinearParams p = base(q, k, v, causal, feature_map, normalize, scale, eps);
+  Tensor s0, z0, ds, dz;
+  if (s0_in.has_value()) {
+    s0 = s0_in->contiguous();
+    z0 = z0_in->contiguous();
+    p.s0 = s0.data_ptr();
+    p.z0 = z0.data_ptr();
+  }
+  if (ds_in.has_value()) {
+    ds = ds_in->contiguous();
+    p.ds_out = ds.data_ptr();
+  }
+  if (dz_in.has_value()) {
+    dz = dz_in->contiguous();
+    p.dz_out = dz.data_ptr();
+  }
+  Tensor work;
+  if (!tc) {
+    work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));
+    p.work = work.data_ptr();
+  } else {
+    work = set_segments(p, q);
+  }
+  p.dout = dout.data_ptr();
+  p.do_st = strides4(dout);
+  p.o = const_cast<void*>(out.data_ptr());
+  p.o_st = strides4(out);
+  p.den = const_cast<void*>(den.data_ptr());
+  p.dq = dq.data_ptr();
+  p.dk = dk_t.data_ptr();
+  p.dv = dv_t.data_ptr();
+  p.dq_st = strides4(dq);
+  p.dk_st = strides4(dk_t);
+  p.dv_st = strides4(dv_t);
+  p.ds0 = ds0.data_ptr();
+  p.dz0 = dz0.data_ptr();
+  linear_cuda_bwd(p, tc ? dtype_of(q) : kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream());
+  return {dq.to(back), dk_t.to(back), dv_t.to(back), ds0, dz0};
+}
+
+#endif  // FA_WITH_CUDA
+
 }  // namespace
 }  // namespace fused_attn
 
@@ -229,3 +429,10 @@ TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
   m.impl("linear_fwd", &fused_attn::linear_fwd_cpu);
   m.impl("linear_bwd", &fused_attn::linear_bwd_cpu);
 }
+
+#ifdef FA_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
+  m.impl("linear_fwd", &fused_attn::linear_fwd_cuda);
+  m.impl("linear_bwd", &fused_attn::linear_bwd_cuda);
+}
+#endif

@@ -38,6 +38,12 @@ struct LinearParams {
   void* dv = nullptr;
   void* ds0 = nullptr;
   void* dz0 = nullptr;
+  // CUDA fp32 / fp64 kernels only: float64 scratch of (B, H, Dk, Dv) for the running state.
+  void* work = nullptr;
+  // CUDA fp16 / bf16 kernels: the sequence cut into `segments` runs of chunks scanned in two levels (1: one
+  // block per (batch, head) walks it all); seg_state fp32 scratch of B * H * (segments + 1) * (Dk Dv + 2 Dk).
+  int64_t segments = 1;
+  void* seg_state = nullptr;
 
   int64_t batch = 0, heads = 0, sq = 0, sk = 0, dk_dim = 0, dv_dim = 0;
   Strides q_st, k_st, v_st, o_st, do_st, dq_st, dk_st, dv_st;

@@ -58,12 +58,17 @@ def _no_double_backward(ctx, *grads):
 torch.library.register_autograd("fused_attn::linear_bwd", _no_double_backward)
 
 
+def _has_kernel(device_type: str) -> bool:
+    key = {"cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fused_attn::linear_fwd", key)
+
+
 def linear_attention(q, k, v, *, causal=True, feature_map="elu1", normalize=True, scale=None, eps=1e-6,
                      initial_state=None, return_state=False):
     q, k, v, scale, eps, s0, z0 = check_linear_inputs(q, k, v, causal, feature_map, normalize, scale, eps,
                                                       initial_state, return_state)
-    if q.device.type != "cpu":
-        raise ValueError(f"q: linear_attention runs on CPU tensors in this build, got device {q.device} "
-                         "(fused_attn.reference.linear_attention runs anywhere)")
+    if q.device.type != "cpu" and not _has_kernel(q.device.type):
+        raise ValueError(f"q: linear_attention has no kernels for device {q.device} in this build (CPU always; "
+                         "CUDA in a CUDA build); fused_attn.reference.linear_attention runs anywhere")
     out, _, s, z = torch.ops.fused_attn.linear_fwd(q, k, v, s0, z0, causal, feature_map, normalize, scale, eps)
     return (out, (s, z)) if return_state else out

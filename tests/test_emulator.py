@@ -1,10 +1,10 @@
 """The CUDA kernels under the host emulator (tests/emu), a subset of the full matrix that CI runs on every
-change: each kernel family (mma.sync, Hopper wgmma/TMA, fp32/fp64, split-KV decode), forward and both
-backward modes, one head dim each, a few cases that between them cover ragged tiles, GQA, strided K/V, rows
-that see nothing, block-sparse full / partial / empty tiles, softcap / ALiBi, packed batches, paged caches
-and (Hopper) rings that wrap several times; plus two injected bugs the emulator must report. No GPU needed;
-each test builds its binary (tens of seconds) and runs it. The whole matrix: python3 tests/emu/run_all.py
-(tests/emu/README.md)."""
+change: each kernel family (mma.sync, Hopper wgmma/TMA, fp32/fp64, split-KV decode, linear attention),
+forward and both backward modes, one head dim each, a few cases that between them cover ragged tiles, GQA,
+strided K/V, rows that see nothing, block-sparse full / partial / empty tiles, softcap / ALiBi, packed
+batches, paged caches and (Hopper) rings that wrap several times; plus three injected bugs the emulator must
+report. No GPU needed; each test builds its binary (tens of seconds) and runs it. The whole matrix:
+python3 tests/emu/run_all.py (tests/emu/README.md)."""
 from __future__ import annotations
 
 import pathlib
@@ -34,6 +34,10 @@ SUBSETS = {
     "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial,mods_varlen_causal,decode_paged16_split3_softcap"),
     "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods"),
     "generic": ("generic", "fp32", 64, "dense,sparse_causal,decode_mqa_window_split4"),
+    # linear attention (emu_linear.cpp's case names; one binary, the head dim is the case's): tensor cores
+    # with the two-level scan both ways, non-causal Sq != Sk, S = 1; fp32 with odd dims and an initial state.
+    "linear": ("linear", "bf16", 64, "state_segments,noncausal_relu_sq_ne_sk,single"),
+    "linear_fp32": ("linear", "fp32", 64, "odd_d_relu"),
 }
 
 
@@ -50,14 +54,15 @@ def test_kernels_under_emulator(subset):
     assert failed == 0 and r.returncode == 0, f"{failed} emulator runs failed:\n{tail}"
     # Every case runs forward + backward (two modes for the tensor-core families), a decode case its one
     # forward pass (split kernel + combine): nothing skipped.
-    per_case = 2 if family == "generic" else 3
+    per_case = 2 if family in ("generic", "linear") else 3
     names = cases.split(",")
     want = sum(1 if n.startswith("decode") else per_case for n in names)
     assert passed == want, f"expected every case to run ({want} units):\n{tail}"
 
 
-@pytest.mark.parametrize("bug", ["wrong swizzle", "missing fence.proxy.async before the TMA store"])
+@pytest.mark.parametrize("bug", ["wrong swizzle", "missing fence.proxy.async before the TMA store",
+                                 "linear tc fwd: no barrier between"])
 def test_emulator_reports_injected_bug(bug):
-    """A test that must fail is part of the check: the emulator reports a known bug in the Hopper kernel."""
+    """A test that must fail is part of the check: the emulator reports a known bug (Hopper, linear attention)."""
     r = subprocess.run([sys.executable, str(EMU / "selftest.py"), bug], capture_output=True, text=True, timeout=900)
     assert "1 of 1 injected bugs caught" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

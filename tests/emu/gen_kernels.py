@@ -2,7 +2,8 @@
 """Turn the CUDA kernel sources into C++ the host emulator can compile.
 
 Reads the kernel sources of csrc/cuda/ (SOURCES below: the mma.sync family with its score modifiers and
-sequence views, generic.cu, the decode kernels, and the Hopper family of csrc/cuda/sm90/) and writes copies under OUT (default
+sequence views, generic.cu, the decode kernels, the Hopper family of csrc/cuda/sm90/, and linear attention's
+linear.cu) and writes copies under OUT (default
 tests/emu/build/gen) in which, and only in which:
   - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, rcp.approx, %laneid,
     %tid, the empty asm of generic.cu's opaque(); mbarrier, bulk tensor copies, fences, named barriers,
@@ -94,7 +95,8 @@ REPLACE = {
 
 # Sources converted into OUT/cuda/ (paths relative to csrc/cuda/).
 SOURCES = ("tc_common.cuh", "bwd_common.cuh", "score_mod.cuh", "sequence.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh", "generic.cu",
-           "decode_kernel.cuh", "decode.cu", "sm90/ptx.cuh", "sm90/wgmma.cuh", "sm90/common.cuh", "sm90/fwd.cuh", "sm90/bwd.cuh")
+           "decode_kernel.cuh", "decode.cu", "sm90/ptx.cuh", "sm90/wgmma.cuh", "sm90/common.cuh", "sm90/fwd.cuh", "sm90/bwd.cuh",
+           "linear_kernel.cuh", "linear.cu")
 
 # kernel<<<cfg>>>(args); with the kernel an identifier, possibly qualified and with template arguments.
 LAUNCH = re.compile(r"(?P<k>[A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(?P<cfg>[^;]*?)>>>\((?P<args>[^;]*)\);")
@@ -191,10 +193,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "build" / "gen"))
     out = pathlib.Path(ap.parse_args().out)
     (out / "cuda").mkdir(parents=True, exist_ok=True)
-    for f in ("params.h", "mask.h", "kernels.h"):
+    for f in ("params.h", "mask.h", "kernels.h", "linear_params.h", "linear_kernels.h"):
         shutil.copyfile(CSRC / f, out / f)
     (out / "cuda" / "sm90").mkdir(exist_ok=True)
-    for f in ("tiles.h", "launch.h", "decode.h", "sm90/tiles.h", "sm90/tmap.h"):
+    for f in ("tiles.h", "launch.h", "decode.h", "sm90/tiles.h", "sm90/tmap.h", "linear_launch.h"):
         shutil.copyfile(CSRC / "cuda" / f, out / "cuda" / f)
     for f in SOURCES:
         text = convert(f, (CSRC / "cuda" / f).read_text())

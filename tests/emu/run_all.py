@@ -8,6 +8,7 @@ tests/test_emulator.py); a pre-GPU check run by hand:
     python3 tests/emu/run_all.py --hd 64 --dtype bf16 --case sparse
     python3 tests/emu/run_all.py --order rev --eager   # another warp order / copy timing
     python3 tests/emu/run_all.py --family sm90 --hd 128 --dtype bf16
+    python3 tests/emu/run_all.py --family linear          # linear attention (tests/emu/emu_linear.cpp)
 
 Builds run one at a time (a shared machine) and only when a source changed. Ends with the line
 "N passed, N failed" (one unit = one case and pass of one binary); exit status 1 on any failure.
@@ -29,7 +30,7 @@ HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)  # mma.sync family (csrc/cuda/tiles
 SM90_HEAD_DIMS = (64, 128, 256)                # Hopper family (csrc/cuda/sm90/tiles.h kSm90HeadDims)
 TC = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 GENERIC = {"fp32": "float", "fp64": "double"}
-FAMILIES = ("mma", "sm90", "generic")
+FAMILIES = ("mma", "sm90", "generic", "linear")
 
 
 def targets(hds, dtypes, families=FAMILIES):
@@ -45,17 +46,20 @@ def targets(hds, dtypes, families=FAMILIES):
                         yield f"emu90_{dt}_hd{hd}", ["-DEMU_SM90", f"-DEMU_ELEM={TC[dt]}", f"-DEMU_HD={hd}"]
         elif "generic" in families:
             yield f"emu_{dt}", ["-DEMU_GENERIC", f"-DEMU_T={GENERIC[dt]}"]
+    if "linear" in families:  # one binary for every dtype of linear attention (emu_linear.cpp)
+        yield "emu_linear", ["-DEMU_LINEAR"]
 
 
 def build(name, defs, cxx, sanitize):
     exe = BUILD / (name + ("_asan" if sanitize else ""))
-    deps = [HERE / "emu_main.cpp", HERE / "emu_runtime.h", HERE / "emu_sm90.h", HERE / "emu_decode.h",
+    main_src = HERE / ("emu_linear.cpp" if "-DEMU_LINEAR" in defs else "emu_main.cpp")
+    deps = [main_src, HERE / "emu_runtime.h", HERE / "emu_sm90.h", HERE / "emu_decode.h",
             *(HERE / "shim").glob("*.h"),
             *(BUILD / "gen").rglob("*")]
     if exe.exists() and exe.stat().st_mtime > max(p.stat().st_mtime for p in deps if p.is_file()):
         return exe
     cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wno-psabi", "-I", str(HERE / "shim"), "-I", str(BUILD / "gen"),
-           *defs, str(HERE / "emu_main.cpp"), "-o", str(exe)]
+           *defs, str(main_src), "-o", str(exe)]
     if sanitize:
         cmd[3:3] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
     print("build:", " ".join(cmd[-3:-2] + defs), flush=True)
@@ -68,7 +72,8 @@ def main() -> int:
     ap.add_argument("--hd", type=int, nargs="*", default=list(HEAD_DIMS), help="tensor-core head dims")
     ap.add_argument("--dtype", nargs="*", default=[*TC, *GENERIC], choices=[*TC, *GENERIC])
     ap.add_argument("--family", nargs="*", default=list(FAMILIES), choices=FAMILIES,
-                    help="kernel families: mma (mma.sync), sm90 (wgmma/TMA), generic (fp32/fp64)")
+                    help="kernel families: mma (mma.sync), sm90 (wgmma/TMA), generic (fp32/fp64), "
+                         "linear (linear attention, every dtype)")
     ap.add_argument("--case", default="", help="only cases whose name contains this (comma-separated: any of these)")
     ap.add_argument("--order", default="random", choices=["random", "fwd", "rev", "free"],
                     help="warp order between barriers (free: all warps at once)")
@@ -101,6 +106,8 @@ def main() -> int:
         t = time.time()
         for case in (args.case.split(",") if args.case else [""]):
             cmd = [str(exe), "--order", args.order, "--seed", str(args.seed)] + (["--eager"] if args.eager else [])
+            if name == "emu_linear":  # one binary for every dtype: pass the selection on
+                cmd += ["--dtype", ",".join(args.dtype)]
             if case:
                 cmd.append(case)
             r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -3,9 +3,9 @@
 (a missing barrier, a missing column predicate, a wrong softcap derivative or tanh, a packed batch's row
 offset left out, a wrong page slot, a wrong combine weight; for the Hopper kernels a wrong swizzle, a wrong
 mbarrier parity, missing mbarrier / wgmma waits, missing wgmma.fence and fence.proxy.async, a stage reused
-before its release, ...) and expects every one of them to be reported (non-zero exit: an emulator error or
-a wrong result).
-python3 tests/emu/selftest.py [name-substring]   (about 10 minutes for all on an idle machine)."""
+before its release, ...; for linear attention missing barriers around the state, a wrong causal mask) and
+expects every one of them to be reported (non-zero exit: an emulator error or a wrong result).
+python3 tests/emu/selftest.py [name-substring]   (about 12 minutes for all on an idle machine)."""
 from __future__ import annotations
 
 import os
@@ -19,6 +19,7 @@ GEN = HERE / "build" / "gen"
 OUT = HERE / "build" / "selftest"
 
 SM90 = ["-DEMU_SM90", "-DEMU_ELEM=__nv_bfloat16", "-DEMU_HD=128"]
+LINEAR = ["-DEMU_LINEAR"]  # marker: build tests/emu/emu_linear.cpp instead of emu_main.cpp
 
 # name, file (under csrc/cuda/), original text, mutated text, build defines, case
 MUTATIONS = [
@@ -79,6 +80,18 @@ MUTATIONS = [
     ("decode combine: parts weighted by exp(lse_t - max) instead of exp(lse_t - lse)", "decode.cu",
      "const P w = dexp(lp[r] - lse);", "const P w = dexp(lp[r] - mx);", ["-DEMU_GENERIC", "-DEMU_T=float"],
      "decode"),
+    # Linear attention (csrc/cuda/linear_kernel.cuh; built from emu_linear.cpp).
+    ("linear tc fwd: no barrier between the warps' reads of the state and the chunk's update of it",
+     "linear_kernel.cuh", "__syncthreads();  // every warp has read the state before this chunk is added to it",
+     "//", LINEAR, "state_elu1"),
+    ("linear tc fwd: causal mask one key too wide (odd keys)", "linear_kernel.cuh", "key + 1 > row ? 0.f",
+     "key + 1 > row + 1 ? 0.f", LINEAR, "causal_elu1"),
+    ("linear tc dq: dd left out of the intra-chunk dA", "linear_kernel.cuh",
+     "s[jn][e] = key > row ? 0.f : s[jn][e] + m.sDD[row];", "s[jn][e] = key > row ? 0.f : s[jn][e];", LINEAR,
+     "causal_elu1"),
+    ("linear generic dk/dv: no barrier between the state's column update and the row-wise dK read",
+     "linear_kernel.cuh", "__syncthreads();  // G complete for row i (other threads' columns)", "//", LINEAR,
+     "state_elu1"),
 ]
 
 
@@ -99,8 +112,9 @@ def main() -> int:
             continue
         p.write_text(text.replace(old, new, 1))
         exe = d / "emu"
+        main_src = "emu_linear.cpp" if defs == LINEAR else "emu_main.cpp"
         subprocess.run(["g++", "-std=c++20", "-O2", "-pthread", "-Wno-psabi", "-I", str(HERE / "shim"), "-I", str(d), *defs,
-                        str(HERE / "emu_main.cpp"), "-o", str(exe)], check=True)
+                        str(HERE / main_src), "-o", str(exe)], check=True)
         r = subprocess.run([str(exe), case], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env={**os.environ, "EMU_HANG_SECONDS": "60"})
         caught = r.returncode != 0
