@@ -72,13 +72,39 @@ struct Vec;
 template <>
 struct Vec<float> {
   using T = f8;
+  using U = u8;
   static constexpr int W = 8;
 };
 template <>
 struct Vec<double> {
+  typedef uint64_t u4 __attribute__((vector_size(32)));
   using T = d4;
+  using U = u4;
   static constexpr int W = 4;
 };
+
+// An all-zero integer vector the compiler cannot see through. GCC folds a vector load into every FMA that
+// uses it (vfmadd231ps mem, ...), also when one loaded operand feeds several FMAs, so the score loop loaded
+// each query pair once per key (18 loads a step for 16 FMAs at 4 rows x 2 keys) and the output loop each P
+// broadcast once per column vector: more loads than the two 32-byte load ports take a cycle. v ^ opaque_zero
+// is computed once into a register (one vpxor, which can take the load) and then reused. Measured on the
+// 2-core dev box (one thread, CPU time, K/V in L2, 3 runs alternating with the previous build, a shared and
+// noisy machine): bf16 +15 to +35%, fp32 from -12% to +40%; from memory within the noise.
+template <typename C>
+FA_CPU_INLINE typename Vec<C>::U opaque_zero() {
+  using U = typename Vec<C>::U;
+  typename std::remove_reference<decltype(U{}[0])>::type z = 0;
+  asm("" : "+r"(z));
+  U v{};
+  for (int i = 0; i < Vec<C>::W; ++i) v[i] = z;
+  return v;
+}
+template <typename C>
+FA_CPU_INLINE typename Vec<C>::T in_register(typename Vec<C>::T x, typename Vec<C>::U zero) {
+  using T = typename Vec<C>::T;
+  using U = typename Vec<C>::U;
+  return (T)((U)x ^ zero);
+}
 
 FA_CPU_INLINE f8 load(const float* p) {
   f8 v;
@@ -212,6 +238,7 @@ FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t
   static_assert(RN * KN <= 8, "at most 8 accumulators");
   if (pre)
     for (int jj = 0; jj < KN; ++jj) dv::prefetch(pre[jj], d * int64_t(sizeof(S)));
+  const auto zero = dv::opaque_zero<C>();
   VT acc[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) acc[i] = VT{};
@@ -224,7 +251,8 @@ FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t
     for (int jj = 0; jj < KN; ++jj) dv::load_pair(kr[jj] + c, ka[jj], kb[jj]);
 #pragma GCC unroll 4
     for (int r = 0; r < RN; ++r) {
-      const VT qa = dv::load(q + r * ldq + c), qb = dv::load(q + r * ldq + c + W);
+      const VT qa = dv::in_register<C>(dv::load(q + r * ldq + c), zero);
+      const VT qb = dv::in_register<C>(dv::load(q + r * ldq + c + W), zero);
 #pragma GCC unroll 8
       for (int jj = 0; jj < KN; ++jj) {
         acc[jj * RN + r] += qa * ka[jj];
@@ -286,6 +314,7 @@ FA_CPU_INLINE void pv_micro(const typename dv::Vec<C>::T* pb, const C* alpha, co
                             int64_t c0, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
   using VT = typename dv::Vec<C>::T;
   constexpr int W = dv::Vec<C>::W;
+  const auto zero = dv::opaque_zero<C>();
   VT acc[RN][2 * NP];
 #pragma GCC unroll 4
   for (int r = 0; r < RN; ++r) {
@@ -304,7 +333,7 @@ FA_CPU_INLINE void pv_micro(const typename dv::Vec<C>::T* pb, const C* alpha, co
     for (int np = 0; np < NP; ++np) dv::load_pair(vr[j] + c0 + 2 * np * W, x[2 * np], x[2 * np + 1]);
 #pragma GCC unroll 4
     for (int r = 0; r < RN; ++r) {
-      const VT pj = pb[j * RN + r];
+      const VT pj = dv::in_register<C>(pb[j * RN + r], zero);
 #pragma GCC unroll 8
       for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] += pj * x[cc];
     }
