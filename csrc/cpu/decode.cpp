@@ -42,8 +42,8 @@ constexpr double kLn2 = 0.6931471805599453094;
 constexpr int64_t kBlockK = 64;
 // Tasks over several kv heads (paged pools): bytes of K and V per key block, all heads together. With the next
 // block being prefetched, two blocks stay in L2 (512 KB a core on the dev box). Keys per block, measured
-// (one thread, B4 Hk8 S16k, pages of 64, % of a one-thread sum's bandwidth): fp32 16 / 32 / 64 keys 47 / 49 /
-// 34%, bf16 42 / 46 / 35%.
+// (one thread, CPU time, B4 Hk8 S16k, pages of 64, % of a one-thread sum's bandwidth, two runs each): fp32
+// 16 / 32 / 64 keys 43-51 / 49-49 / 29-38%, bf16 38-45 / 44-47 / 30-40%.
 constexpr int64_t kBlockBytes = int64_t(128) << 10;
 // Key blocks ahead whose rows are prefetched. Two ahead measured the same as one (one thread, B4 Hk8 S16k,
 // fp32 / bf16, contiguous and paged: within 2 points, the noise); so was the hint (T0, T1 or NTA).
@@ -89,7 +89,7 @@ struct Vec<double> {
 // broadcast once per column vector: more loads than the two 32-byte load ports take a cycle. v ^ opaque_zero
 // is computed once into a register (one vpxor, which can take the load) and then reused. Measured on the
 // 2-core dev box (one thread, CPU time, K/V in L2, 3 runs alternating with the previous build, a shared and
-// noisy machine): bf16 +15 to +35%, fp32 from -12% to +40%; from memory within the noise.
+// noisy machine): bf16 +14 to +36%, fp32 from -12% to +43%; from memory within the noise.
 template <typename C>
 FA_CPU_INLINE typename Vec<C>::U opaque_zero() {
   using U = typename Vec<C>::U;
