@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 MODES = ("fwd", "fwd+bwd")
 STYLE = {"fused_attn": dict(color="C3", linewidth=2.4, marker="o", zorder=5),
          "fused_attn-dense": dict(color="C3", linestyle="--", marker="x"),
-         "sdpa+fused_attn": dict(color="C1", linestyle="-.", marker="s")}
+         "sdpa+fused_attn": dict(color="C2", linestyle="-.", marker="s")}
 
 
 def _ok(rows):
