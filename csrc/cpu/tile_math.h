@@ -167,6 +167,7 @@ typedef int32_t i16 __attribute__((vector_size(64)));
 constexpr int kW = 16;
 
 FA_CPU_INLINE f16 splat(float x) { return f16{} + x; }
+FA_CPU_INLINE i16 splat_i(int32_t x) { return i16{} + x; }
 FA_CPU_INLINE f16 load(const float* p) {
   f16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -251,7 +252,16 @@ FA_CPU_INLINE f16 exp2(f16 x) { return exp2_lanes<f16, i16>(x); }
 // non-null, gets d(capped)/dy = 1 - tanh^2. Always inlined, so it is compiled for each target clone of its
 // caller (a lambda or an out-of-line helper would be compiled for the baseline ISA only).
 namespace vec {
+FA_CPU_INLINE f16 alibi_dist(float dstart, float step) {
+  const f16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const f16 dd = splat(dstart) + iota * step;
+  return (f16)((i16)dd & splat_i(0x7fffffff));  // |dd| by clearing the sign bit
+}
 FA_CPU_INLINE f16 score_mod(f16 y, float inv_cap, float cap_mul, float a, float dstart, float step, f16* g) {
+  if (inv_cap <= 0.0f) {  // ALiBi alone: -inf minus a finite bias stays -inf, no select needed
+    if (g) *g = splat(1.0f);
+    return a != 0.0f ? y - a * alibi_dist(dstart, step) : y;
+  }
   const float ninf = -std::numeric_limits<float>::infinity();
   const i16 masked = y == splat(ninf);
   if (inv_cap > 0.0f) {
@@ -263,11 +273,7 @@ FA_CPU_INLINE f16 score_mod(f16 y, float inv_cap, float cap_mul, float a, float 
     if (g) *g = splat(1.0f) - t * t;
     y = t * cap_mul;
   }
-  if (a != 0.0f) {
-    const f16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const f16 dd = splat(dstart) + iota * step;
-    y -= a * (dd < splat(0.0f) ? -dd : dd);
-  }
+  if (a != 0.0f) y -= a * alibi_dist(dstart, step);
   return masked ? splat(ninf) : y;
 }
 }  // namespace vec
