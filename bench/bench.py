@@ -651,8 +651,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<machine>)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--groups", default="dense,window,sparse,memory",
-                    help="comma-separated case groups to run: dense, window, sparse, memory, decode "
-                         "(decode: bench/decode_bench.py, CPU)")
+                    help="comma-separated case groups to run: dense, window, sparse, memory, decode, varlen "
+                         "(decode: bench/decode_bench.py, varlen: bench/varlen_bench.py; CPU)")
     ap.add_argument("--impls", default=None, help="comma-separated implementations to keep (default all)")
     ap.add_argument("--merge", action="store_true",
                     help="keep rows of other groups already in <out>/results.json (run groups separately)")
@@ -688,18 +688,24 @@ def main(argv=None):
     machine = machine_name(device)
     out_dir = opts.out or (HERE / "results" / machine)
     groups = set(opts.groups.split(","))
-    unknown = groups - {"dense", "window", "sparse", "memory", "decode"}
+    unknown = groups - {"dense", "window", "sparse", "memory", "decode", "varlen"}
     if unknown:
-        ap.error(f"--groups: unknown group(s) {sorted(unknown)}, expected dense, window, sparse, memory, decode")
+        ap.error(f"--groups: unknown group(s) {sorted(unknown)}, expected dense, window, sparse, memory, decode, "
+                 "varlen")
+    sys.path.insert(0, str(HERE))
     if "decode" in groups:  # KV-cache decoding: bandwidth, not FLOPs; its own driver and outputs
-        sys.path.insert(0, str(HERE))
         import decode_bench
 
         decode_bench.main((["--quick"] if opts.quick else []) + (["--out", str(opts.out)] if opts.out else []) +
                           (["--threads", str(opts.threads)] if opts.threads else []))
         groups.discard("decode")
-        if not groups:
-            return None
+    if "varlen" in groups:  # packed batches vs one sequence and vs padding, softcap / ALiBi overhead (CPU)
+        import varlen_bench
+
+        varlen_bench.main((["--quick"] if opts.quick else []) + (["--out", str(opts.out)] if opts.out else []))
+        groups.discard("varlen")
+    if not groups:
+        return None
     cases = [c for c in (cuda_cases if gpu else cpu_cases)(opts.quick) if c.group in groups]
     impls = implementations(device, opts)
 
