@@ -127,6 +127,32 @@ LinearParams base(const Tensor& q, const Tensor& k, const Tensor& v, bool causal
   return p;
 }
 
+// Contiguous copies of the optional state tensors (initial state s0/z0; in the backward also the incoming
+// state gradients ds/dz), kept alive for the kernels; p points at them.
+struct StateIn {
+  Tensor s0, z0, ds, dz;
+};
+StateIn set_state_in(LinearParams& p, const std::optional<Tensor>& s0_in, const std::optional<Tensor>& z0_in,
+                     const std::optional<Tensor>& ds_in = std::nullopt,
+                     const std::optional<Tensor>& dz_in = std::nullopt) {
+  StateIn st;
+  if (s0_in.has_value()) {
+    st.s0 = s0_in->contiguous();
+    st.z0 = z0_in->contiguous();
+    p.s0 = st.s0.data_ptr();
+    p.z0 = st.z0.data_ptr();
+  }
+  if (ds_in.has_value()) {
+    st.ds = ds_in->contiguous();
+    p.ds_out = st.ds.data_ptr();
+  }
+  if (dz_in.has_value()) {
+    st.dz = dz_in->contiguous();
+    p.dz_out = st.dz.data_ptr();
+  }
+  return st;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_cpu(const Tensor& q_in, const Tensor& k_in,
                                                           const Tensor& v_in, const std::optional<Tensor>& s0_in,
                                                           const std::optional<Tensor>& z0_in, bool causal,
@@ -144,13 +170,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_cpu(const Tensor& q_in, co
   Tensor s = at::empty({b, h, dk, dv}, q.options().dtype(sd));
   Tensor z = at::empty({b, h, dk}, q.options().dtype(sd));
   LinearParams p = base(q, k, v, causal, feature_map, normalize, scale, eps);
-  Tensor s0, z0;
-  if (s0_in.has_value()) {
-    s0 = s0_in->contiguous();
-    z0 = z0_in->contiguous();
-    p.s0 = s0.data_ptr();
-    p.z0 = z0.data_ptr();
-  }
+  const StateIn state = set_state_in(p, s0_in, z0_in);
   p.o = out.data_ptr();
   p.o_st = strides4(out);
   p.den = den.data_ptr();
@@ -190,21 +210,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cpu(
   Tensor ds0 = at::empty({b, h, dk, dv}, q.options().dtype(sd));
   Tensor dz0 = at::empty({b, h, dk}, q.options().dtype(sd));
   LinearParams p = base(q, k, v, causal, feature_map, normalize, scale, eps);
-  Tensor s0, z0, ds, dz;
-  if (s0_in.has_value()) {
-    s0 = s0_in->contiguous();
-    z0 = z0_in->contiguous();
-    p.s0 = s0.data_ptr();
-    p.z0 = z0.data_ptr();
-  }
-  if (ds_in.has_value()) {
-    ds = ds_in->contiguous();
-    p.ds_out = ds.data_ptr();
-  }
-  if (dz_in.has_value()) {
-    dz = dz_in->contiguous();
-    p.dz_out = dz.data_ptr();
-  }
+  const StateIn state = set_state_in(p, s0_in, z0_in, ds_in, dz_in);
   p.dout = dout.data_ptr();
   p.do_st = strides4(dout);
   p.o = const_cast<void*>(out.data_ptr());
@@ -312,13 +318,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_cuda(const Tensor& q_in, c
   Tensor z = at::empty({b, h, dk}, q.options().dtype(sd));
   if (b * h == 0) return {out.to(q_in.scalar_type()), den, s, z};
   LinearParams p = base(q, k, v, causal, feature_map, normalize, scale, eps);
-  Tensor s0, z0, work;
-  if (s0_in.has_value()) {
-    s0 = s0_in->contiguous();
-    z0 = z0_in->contiguous();
-    p.s0 = s0.data_ptr();
-    p.z0 = z0.data_ptr();
-  }
+  const StateIn state = set_state_in(p, s0_in, z0_in);
+  Tensor work;
   if (!tc) {
     work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));
     p.work = work.data_ptr();
@@ -371,21 +372,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cuda(
   const auto back = q_in.scalar_type();
   if (b * h == 0) return {dq.to(back), dk_t.to(back), dv_t.to(back), ds0, dz0};
   LinearParams p = base(q, k, v, causal, feature_map, normalize, scale, eps);
-  Tensor s0, z0, ds, dz;
-  if (s0_in.has_value()) {
-    s0 = s0_in->contiguous();
-    z0 = z0_in->contiguous();
-    p.s0 = s0.data_ptr();
-    p.z0 = z0.data_ptr();
-  }
-  if (ds_in.has_value()) {
-    ds = ds_in->contiguous();
-    p.ds_out = ds.data_ptr();
-  }
-  if (dz_in.has_value()) {
-    dz = dz_in->contiguous();
-    p.dz_out = dz.data_ptr();
-  }
+  const StateIn state = set_state_in(p, s0_in, z0_in, ds_in, dz_in);
   Tensor work;
   if (!tc) {
     work = at::empty({b, h, dk, dv}, q.options().dtype(at::kDouble));

@@ -180,6 +180,15 @@ AttnParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, double
                        strides_of(q), strides_of(k), strides_of(v), scale, wl, wr);
 }
 
+// Output and lse of the (B, H, S, D) / (B, H, S) layout (packed batches set theirs themselves).
+void set_out(AttnParams& p, const Tensor& out, const Tensor& lse) {
+  p.o = out.data_ptr();
+  p.o_st = strides_of(out);
+  p.lse = lse.data_ptr();
+  p.lse_b = lse.stride(0);
+  p.lse_h = lse.stride(1);
+}
+
 at::ScalarType lse_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_bwd_shapes(const Tensor& q, const Tensor& dout, const Tensor& out, const Tensor& lse) {
@@ -197,11 +206,7 @@ struct BwdTensors {
 
 void set_bwd(AttnParams& p, BwdTensors& t, const std::optional<Tensor>& dlse) {
   t.delta = at::empty_like(t.lse);
-  p.o = const_cast<void*>(t.out.data_ptr());
-  p.o_st = strides_of(t.out);
-  p.lse = const_cast<void*>(t.lse.data_ptr());
-  p.lse_b = t.lse.stride(0);
-  p.lse_h = t.lse.stride(1);
+  set_out(p, t.out, t.lse);
   if (dlse.has_value()) {
     t.dlse = dlse->to(t.lse.scalar_type()).contiguous();
     TORCH_CHECK_VALUE(t.dlse.sizes() == t.lse.sizes(), "dlse: expected shape ", shape_str(t.lse));
@@ -303,11 +308,7 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q_in, const Tensor& k_in, const
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, false, q);
   set_score_mod(p, softcap, alibi, q);
-  p.o = out.data_ptr();
-  p.o_st = strides_of(out);
-  p.lse = lse.data_ptr();
-  p.lse_b = lse.stride(0);
-  p.lse_h = lse.stride(1);
+  set_out(p, out, lse);
   cpu_fwd(p, dtype_of(q));
   return {out.to(q_in.scalar_type()), lse};
 }
@@ -559,11 +560,7 @@ std::tuple<Tensor, Tensor> kvcache_fwd_cpu(const Tensor& q, const Tensor& kc, co
   if (q.numel() == 0) return {out, lse};
   AttnParams p = kvcache_params(q, kc, vc, seqlens, block_table, c, scale, wl, wr);
   set_score_mod(p, softcap, alibi, q);
-  p.o = out.data_ptr();
-  p.o_st = strides_of(out);
-  p.lse = lse.data_ptr();
-  p.lse_b = lse.stride(0);
-  p.lse_h = lse.stride(1);
+  set_out(p, out, lse);
   p.num_splits = num_splits;
   cpu_kvcache_fwd(p, dtype_of(q));
   return {out, lse};
@@ -639,11 +636,7 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
   AttnParams p = base_params(q, k, v, scale, wl, wr);
   set_sparse(p, sparse, sparse_shape, false, q);
   set_score_mod(p, softcap, alibi, q);
-  p.o = out.data_ptr();
-  p.o_st = strides_of(out);
-  p.lse = lse.data_ptr();
-  p.lse_b = lse.stride(0);
-  p.lse_h = lse.stride(1);
+  set_out(p, out, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (hd90) {
     check_tiles(p, sm90_tiles(hd90).fwd_tq, sm90_tiles(hd90).fwd_tk, "Hopper forward");
@@ -831,11 +824,7 @@ std::tuple<Tensor, Tensor> kvcache_fwd_cuda(const Tensor& q_in, const Tensor& kc
   if (q.numel() == 0) return {out, lse};
   AttnParams p = kvcache_params(q, kc, vc, seqlens, block_table, c, scale, wl, wr);
   set_score_mod(p, softcap, alibi, q);
-  p.o = out.data_ptr();
-  p.o_st = strides_of(out);
-  p.lse = lse.data_ptr();
-  p.lse_b = lse.stride(0);
-  p.lse_h = lse.stride(1);
+  set_out(p, out, lse);
   int sms = 0;
   if (num_splits == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()) != cudaSuccess) {
     (void)cudaGetLastError();  // not left behind for the launch checks
