@@ -98,7 +98,11 @@ def extensions():
     # torch 2.14 headers need C++20; the .cu files include no torch header and stay C++17.
     # -fopenmp: at::parallel_for is a header template that runs on one thread without _OPENMP.
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    link = ["-fopenmp"]
+    # -lstdc++ ahead of the driver's own libraries: references to the C++ runtime bind to the shared
+    # libstdc++ that torch uses. On a GPU machine (g++ 13.3, torch 2.11) the extension once came out with
+    # pieces of the static libstdc++ inside and no libstdc++.so.6 dependency; its std::ostream << long then
+    # crashed every error message that formats a number. check_runtime() below refuses such a build.
+    link = ["-fopenmp", "-lstdc++"]
     sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/cpu/fwd.cpp", "csrc/cpu/bwd.cpp",
                "csrc/cpu/decode.cpp", "csrc/linear_ops.cpp", "csrc/cpu/linear.cpp"]
     if cuda_home is None:
@@ -161,6 +165,14 @@ def compile_sm90(sources: list[str], outdir: pathlib.Path) -> list[str]:
         return list(pool.map(one, sources))
 
 
+def check_runtime(so: pathlib.Path) -> None:
+    """Stops the build when the extension does not load the shared C++ runtime (libstdc++.so.6): a private
+    copy of parts of it inside the extension mixes two runtimes' locale state in one process and crashes."""
+    if sys.platform.startswith("linux") and so.exists() and b"libstdc++.so.6" not in so.read_bytes():
+        raise SystemExit(f"{so}: links no libstdc++.so.6 (the C++ runtime went in statically?); check LDFLAGS and "
+                         "the linker command in the build log")
+
+
 def build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
@@ -172,6 +184,8 @@ def build_ext():
                     objs = compile_sm90(srcs, pathlib.Path(self.build_temp) / "sm90")
                     ext.extra_objects = list(ext.extra_objects or []) + objs
             super().build_extensions()
+            for ext in self.extensions:
+                check_runtime(pathlib.Path(self.get_ext_fullpath(ext.name)))
 
     return Build.with_options(use_ninja=True)
 

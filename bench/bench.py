@@ -231,8 +231,7 @@ def cuda_cases(quick: bool) -> list[Case]:
             lay = sparse_layout(s, blk, 0.1, h, seed=0)
             cases.append(Case("sparse", "sparse", mode, tokens // s, h, s, d, dt, layout=lay,
                               block=(blk, blk), target_density=0.1))
-    if not quick:
-        cases.append(Case("memory", "causal", "fwd+bwd", 1, h, 131072, d, dt, max_reps=3))
+    cases.append(Case("memory", "causal", "fwd+bwd", 1, h, 131072, d, dt, max_reps=3))
     return cases
 
 
@@ -673,6 +672,8 @@ def main(argv=None):
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:  # torch 2.11's set_device wants an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False
     threads = opts.threads or core_count()
@@ -750,6 +751,7 @@ def main(argv=None):
                 print(f"    {r['impl']:<17} {r['ms']:9.3f} ms  {r['tflops']:8.3f} TFLOP/s  "
                       f"ratio {_fmt(r['ratio'], '.2f')}", flush=True)
         rows.extend(case_rows)
+        write_outputs(meta, rows, out_dir, opts.merge, groups, opts.tag)  # partial results survive a kill
     print()
     print_table(rows, machine)
     doc = write_outputs(meta, rows, out_dir, opts.merge, groups, opts.tag)

@@ -2,12 +2,15 @@
 # GPU validation in one call, for a GPU machine without network (python3 there already holds torch):
 # build, CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases, the GPU benchmark.
 # Everything lands in one folder ($OUT, or bench/results/gpu_run), with a summary at the end.
-#   bash bench/gpu_check.sh [build|probe|test|test-sm80|sanitize|bench|bench-dense|bench-rest ...]
+#   bash bench/gpu_check.sh [build|prebuilt|probe|test|test-sm80|sanitize|bench|bench-dense|bench-rest ...]
 #   (default: build probe test sanitize bench). On a Hopper GPU (compute capability 9.0) the fp16/bf16 calls
 #   run the wgmma/TMA kernels; probe checks the ISA readings they rely on first (notes/hopper.md), test-sm80
 #   runs the CUDA tests again with the mma.sync kernels forced (FUSED_ATTN_FORCE_SM80=1).
 # Each stage fits one 10-minute device call; `bench` is bench-dense then bench-rest (FlexAttention
 # compiles once per shape, which is most of the benchmark's time).
+# Device time is scarce: DEADLINE (epoch seconds) makes each long stage stop in time for the call to return
+# its files; SO_OUT (a folder) receives the built extension, gzipped, so that a later call on a fresh
+# machine can carry it back (copy the pieces into .gpu_so/ and carry it; stage `prebuilt` joins them) instead of building again.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_run}
@@ -16,8 +19,15 @@ PY=${PYTHON:-python3}
 STAGES=${*:-build probe test sanitize bench}
 export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
-: > "$summary"
+touch "$summary"
 note() { echo "$*" | tee -a "$summary"; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # a carried, prebuilt extension works without pip
+# left S: seconds until DEADLINE minus a margin (a large number without DEADLINE)
+left() { if [ -n "${DEADLINE:-}" ]; then echo $(( DEADLINE - $(date +%s) - ${1:-15} )); else echo 100000; fi; }
+GPU_TESTS="tests/test_cuda.py tests/test_sm90.py tests/test_linear_cuda.py tests/test_compile.py tests/test_errors.py
+  tests/test_gradients.py tests/test_linear_errors.py"
+XDIST=
+$PY -c 'import xdist' 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"
 
 for stage in $STAGES; do
   t0=$(date +%s)
@@ -27,13 +37,52 @@ for stage in $STAGES; do
       $PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' | tee -a "$summary"
       nvcc --version | tail -1 | tee -a "$summary"
       # The GPU here is sm_90: build only that arch to save device time (CI compiles 8.0 and 9.0).
-      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-        $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} timeout $(left 30) \
+        $PY -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
       rc=$?
       grep -iE "spill|warning" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20 > "$OUT/build_warnings.txt"
       note "build: rc=$rc in $(( $(date +%s) - t0 )) s; spill/warning lines: $(wc -l < "$OUT/build_warnings.txt")"
       [ $rc -eq 0 ] || { tail -50 "$OUT/build.log"; exit 1; }
       $PY -c 'import fused_attn; print(fused_attn.build_info())' | tee -a "$summary"
+      so=$(ls fused_attn/_C.cpython-*.so | head -1)
+      note "extension needs: $(readelf -d "$so" 2>/dev/null | grep -o 'NEEDED.*' | grep -o '\[.*\]' | tr '\n' ' ')"
+      # in 15 MiB pieces (the device tool returns files of at most 16 MiB)
+      [ -n "${SO_OUT:-}" ] && gzip -1 -c "$so" | split -b 15M - "$SO_OUT/_C.so.gz.part-" &&
+        note "extension saved: $so -> $SO_OUT/_C.so.gz.part-*"
+      ;;
+    prebuilt)
+      nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+      so=fused_attn/_C.cpython-$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')-x86_64-linux-gnu.so
+      cat .gpu_so/_C.so.gz.part-* | gunzip -c > "$so" || exit 1
+      $PY -c 'import fused_attn; print(fused_attn.build_info())' | tee -a "$summary" || exit 1
+      ;;
+    diag)  # a C++ error raised by an op of this build: the backtrace if it crashes (cuda-gdb debugs host code)
+      { g++ --version | head -1; $PY -c 'import pybind11, torch; print("pybind11", pybind11.__version__, "torch cxx11 abi", torch.compiled_with_cxx11_abi())'; } 2>&1 | tee -a "$summary"
+      cat > "$OUT/raise.py" <<'PYEOF'
+import torch, fused_attn
+for dev in ("cpu", "cuda", "cuda"):  # the second time with CUDA initialised, then on CUDA tensors
+    q = torch.randn(1, 2, 8, 4, device=dev if torch.cuda.is_initialized() else "cpu")
+    torch.zeros(1, device="cuda")
+    try:
+        torch.ops.fused_attn.fwd(q, q[0], q, 0.5, -1, -1, [], [])
+    except ValueError as e:
+        print(q.device, "raised:", str(e).splitlines()[0], flush=True)
+q = torch.randn(1, 1, 8, 59, device="cuda", dtype=torch.float16)
+try:
+    fused_attn.flash(q, q, q)
+except ValueError as e:
+    print("head dim 59 raised:", str(e).splitlines()[0], flush=True)
+PYEOF
+      timeout $(left) $PY "$OUT/raise.py" > "$OUT/diag.log" 2>&1
+      rc=$?
+      note "C++ error -> Python: rc=$rc: $(tail -1 "$OUT/diag.log")"
+      timeout $(left) $PY -m pytest -p no:xdist -q -p no:cacheprovider tests/test_errors.py::test_direct_op_call_is_checked_too \
+        tests/test_cuda.py::test_unsupported_head_dims_raise > "$OUT/diag_pytest.log" 2>&1
+      note "the same in pytest without xdist: rc=$?: $(tail -1 "$OUT/diag_pytest.log")"
+      if [ $rc -ne 0 ]; then
+        timeout $(left) cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$OUT/raise.py" > "$OUT/diag_gdb.log" 2>&1
+        grep -E "^#[0-9]+" "$OUT/diag_gdb.log" | head -25 | tee -a "$summary"
+      fi
       ;;
     probe)
       nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I csrc tests/emu/sm90_probe.cu \
@@ -45,20 +94,20 @@ for stage in $STAGES; do
     test|test-sm80)
       log="$OUT/pytest.log"; force=
       [ "$stage" = test-sm80 ] && { log="$OUT/pytest_sm80.log"; force=1; }
-      FUSED_ATTN_FORCE_SM80=$force $PY -m pytest tests -q --maxfail=40 --timeout=300 -p no:cacheprovider \
-        --deselect tests/test_emulator.py --junitxml="${log%.log}.xml" > "$log" 2>&1
+      # the GPU-facing tests (the CPU suite is CI's); -n: xdist workers share the GPU
+      FUSED_ATTN_FORCE_SM80=$force timeout $(left) $PY -m pytest $GPU_TESTS ${TEST_K:+-k "$TEST_K"} $XDIST -q -rfE \
+        --maxfail=60 --timeout=300 -p no:cacheprovider --junitxml="${log%.log}.xml" > "$log" 2>&1
       rc=$?
       note "pytest ($stage): rc=$rc in $(( $(date +%s) - t0 )) s: $(tail -1 "$log")"
       grep -E "^(FAILED|ERROR)" "$log" | head -30 | tee -a "$summary"
       ;;
     sanitize)
-      for tool in memcheck racecheck synccheck; do
-        for force in "" 1; do
-          log="$OUT/sanitize_$tool${force:+_sm80}.log"
-          FUSED_ATTN_FORCE_SM80=$force compute-sanitizer --tool $tool --error-exitcode 3 $PY bench/sanitize_cases.py > "$log" 2>&1
-          rc=$?
-          note "compute-sanitizer $tool${force:+ (mma.sync forced)}: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
-        done
+      # one process per tool runs every kernel family, the Hopper and the mma.sync paths both
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+        log="$OUT/sanitize_$tool.log"
+        timeout $(left) compute-sanitizer --tool $tool --error-exitcode 3 --print-limit 200 $PY bench/sanitize_cases.py > "$log" 2>&1
+        rc=$?
+        note "compute-sanitizer $tool: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases done' "$log" | tail -2 | tr '\n' ' ')"
       done
       ;;
     bench|bench-dense|bench-rest)
@@ -66,7 +115,7 @@ for stage in $STAGES; do
       merge=
       [ "$stage" = bench-dense ] && groups=dense
       [ "$stage" = bench-rest ] && { groups=window,sparse,memory; merge=--merge; }
-      $PY bench/bench.py --groups $groups $merge --out "$OUT/bench" > "$OUT/$stage.log" 2>&1
+      timeout $(left) $PY bench/bench.py --groups $groups $merge ${BENCH_ARGS:-} --out "$OUT/bench" > "$OUT/$stage.log" 2>&1
       rc=$?
       note "$stage: rc=$rc in $(( $(date +%s) - t0 )) s"
       tail -60 "$OUT/$stage.log"

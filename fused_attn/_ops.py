@@ -120,9 +120,17 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi, *sparse)
     ctx.args = (scale, left, right, list(sparse_shape), softcap)
-    ctx.n_sparse = len(sparse)
-    ctx.n_mods = len(mods)
     ctx.set_materialize_grads(False)
+
+
+def _mirror_inputs(ctx, grads: tuple) -> tuple:
+    """grads, then None for every other input, in the inputs' structure: one None per tensor of a tensor
+    list, an empty list for an empty list. The structure is read off ctx.needs_input_grad, which holds the
+    arguments the op was called with: the dispatcher drops trailing arguments equal to their defaults
+    (softcap=0.0, alibi_slopes=None), and torch 2.11 wants exactly those back (later versions also accept
+    one gradient per schema argument)."""
+    rest = [[None] * len(n) if isinstance(n, list) else None for n in ctx.needs_input_grad[len(grads):]]
+    return (*grads, *rest)
 
 
 def _backward(ctx, dout, dlse):
@@ -132,10 +140,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fused_attn.bwd(dout, q, k, v, out, lse, dlse, scale, left, right, sparse,
                                           sparse_shape, False, softcap, alibi)
-    # The gradient structure mirrors the inputs: one None per tensor of `sparse`, and an empty int
-    # list counts as a list (a non-empty one as a single leaf).
-    return (dq, dk, dv, None, None, None, [None] * ctx.n_sparse, (None if sparse_shape else []),
-            *([None] * ctx.n_mods))
+    return _mirror_inputs(ctx, (dq, dk, dv))
 
 
 torch.library.register_autograd("fused_attn::fwd", _backward, setup_context=_setup_context)

@@ -107,7 +107,10 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
     mbar_init(barKV, 1);
     for (int s = 0; s < C::kStages; ++s) {
       mbar_init(full(s), 1 + 32);  // the producer's expect_tx + its warp's 32 lse / delta writers
-      mbar_init(empty(s), 2);
+      // Every consumer thread arrives: the lse / delta vector is read with ordinary loads by all 256, and an
+      // arrival of one thread per warpgroup would not order the other warps' reads before the producer's
+      // next writes (compute-sanitizer racecheck on an H100 reported exactly that).
+      mbar_init(empty(s), 2 * 128);
     }
     fence_mbar_init();
   }
@@ -314,7 +317,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
         }
       }
     }
-    if (ti == 0) mbar_arrive(empty(s));
+    mbar_arrive(empty(s));  // every consumer thread, after its last read of stage s (see mbar_init)
     ++it;
     ++idx;
   }
