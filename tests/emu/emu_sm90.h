@@ -20,16 +20,20 @@
 //     retires the group. Chained wgmmas on one accumulator array take the pending result.
 //   wgmma.fence / commit_group / wait_group, fence.proxy.async, fence.mbarrier_init, bar.sync /
 //   bar.arrive with a thread count, setmaxnreg.inc / dec (per warpgroup, pool of 64 K registers),
-//   st.shared.b32.
+//   st.shared.b32 / .f32, ld.shared.f32 / .v2.f32 (ordinary accesses, tracked per word).
 // Hazards (each an emulator error): happens-before is tracked with per-thread knowledge vectors (a vector
 // clock with extra slots for each mbarrier's completed phases, each warpgroup's completed wgmmas and each
 // thread's retired bulk stores), merged at every synchronisation (mbarrier arrive -> successful wait,
 // bar.arrive/bar.sync -> bar.sync, __syncthreads). Per 4-byte word of shared memory the last write (TMA
-// load: barrier and phase; ordinary store: thread and clock) and the outstanding async reads are kept:
+// load: barrier and phase; ordinary store: thread and clock) and the reads not yet known done (async:
+// warpgroup or bulk-store slot and stamp; ordinary ld.shared: thread and clock) are kept:
 //   - a read (wgmma operand, TMA store source) of a TMA destination whose barrier phase the reader has not
 //     observed complete ("read before the mbarrier phase completed");
 //   - a TMA load into words whose earlier readers the issuing thread does not know to be done ("stage
-//     reused before the consumers released it"), or an ordinary store there;
+//     reused before the consumers released it"), or an ordinary store there; readers are wgmmas, bulk
+//     stores and ordinary loads (write-after-read: no barrier / mbarrier from the load to the store);
+//   - an ordinary load of a word whose last ordinary store or TMA load this thread does not know to be
+//     done (read-after-write);
 //   - an async read of words written by ordinary stores without fence.proxy.async in the writer after the
 //     store and a synchronisation from the writer's fence to every reading thread ("read while still
 //     being written");
@@ -118,7 +122,7 @@ struct Sh90 {  // per 4-byte word of dynamic shared memory
     int32_t slot;
     int64_t stamp;
   };
-  std::vector<Read> reads;  // async reads not yet known done: (knowledge slot, stamp)
+  std::vector<Read> reads;  // reads not yet known done: (knowledge slot, stamp); slot < n: ld.shared
 };
 
 struct S90Block {
@@ -291,6 +295,11 @@ inline void word_write(uint32_t word, int tma_bar, const char* what) {
   Sh90& w = s.sh[word];
   for (const auto& r : w.reads)
     if (me.know[r.slot] < r.stamp) {
+      if (r.slot < s.n) {  // an ordinary load by thread r.slot
+        error("%s into smem byte %u while thread %d may still read it: no barrier/mbarrier from its load to this "
+              "store", what, word * 4, r.slot);
+        break;
+      }
       const bool wg = r.slot >= s.wg0 && r.slot < s.st0;
       error("%s into smem byte %u while %s may still read it (%s)", what, word * 4,
             wg ? "a wgmma of warpgroup" : "a bulk tensor store",
@@ -315,6 +324,32 @@ inline void word_write(uint32_t word, int tma_bar, const char* what) {
     w.wslot = t_self->tid;
     w.wstamp = me.clock;
   }
+}
+
+// An ordinary load (ld.shared) of a word by the current thread: the word's last write must be known to
+// this thread (read-after-write); the read stays recorded, as (thread, clock), until a write that knows it
+// is done (word_write reports one that does not: write-after-read).
+inline void word_read(uint32_t word, const char* what) {
+  S90Block& s = SB();
+  S90Thread& me = ST();
+  Sh90& w = s.sh[word];
+  const int tid = t_self->tid;
+  if (w.wkind == 3) {
+    error("%s of smem byte %u reads the mbarrier at smem %u", what, word * 4, word * 4 & ~7u);
+  } else if (w.wkind == 2 && me.know[s.bar0 + w.wslot] < w.wstamp + 1) {
+    error("%s of smem byte %u, a TMA destination whose mbarrier phase (barrier %d, phase %lld) this thread has "
+          "not observed complete (missing or wrong-parity mbarrier wait)", what, word * 4, w.wslot,
+          (long long)w.wstamp);
+  } else if (w.wkind == 1 && w.wslot != tid && me.know[w.wslot] < w.wstamp) {
+    error("%s of smem byte %u written by thread %d: no barrier/mbarrier from its store to this load", what,
+          word * 4, w.wslot);
+  }
+  for (auto& r : w.reads)
+    if (r.slot == tid) {
+      r.stamp = me.clock;  // clocks only grow: the latest read covers the earlier ones
+      return;
+    }
+  w.reads.push_back({tid, me.clock});
 }
 
 // An async-proxy read of a word by a group of threads (knowledge `k`), recorded as outstanding until
@@ -723,6 +758,41 @@ inline void st_shared_u32(uint32_t addr, uint32_t v) {
   if (SB().sh[addr / 4].wkind == 3) error("st.shared.b32 writes over the mbarrier at smem %u", addr & ~7u);
   word_write(addr / 4, -1, "st.shared");
   std::memcpy(g_smem + addr, &v, 4);
+}
+
+inline void st_shared_f32(uint32_t addr, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  std::unique_lock<std::mutex> lk(g_block->m);
+  if (addr % 4 || !in_smem(addr, 4)) {
+    error("st.shared.f32 at %u: misaligned or outside the dynamic shared memory", addr);
+    return;
+  }
+  if (SB().sh[addr / 4].wkind == 3) error("st.shared.f32 writes over the mbarrier at smem %u", addr & ~7u);
+  word_write(addr / 4, -1, "st.shared");
+  std::memcpy(g_smem + addr, &u, 4);
+}
+
+// Ordinary loads of `bytes` (4 or 8, aligned) at addr into out; a bad address reads as NaN.
+inline void ld_shared(uint32_t addr, void* out, uint32_t bytes, const char* what) {
+  std::unique_lock<std::mutex> lk(g_block->m);
+  if (addr % bytes || !in_smem(addr, bytes)) {
+    error("%s at %u: misaligned or outside the dynamic shared memory", what, addr);
+    std::memset(out, 0xff, bytes);
+    return;
+  }
+  for (uint32_t w = addr / 4; w < (addr + bytes) / 4; ++w) word_read(w, what);
+  std::memcpy(out, g_smem + addr, bytes);
+}
+inline float ld_shared_f32(uint32_t addr) {
+  float v;
+  ld_shared(addr, &v, 4, "ld.shared.f32");
+  return v;
+}
+inline float2 ld_shared_f32x2(uint32_t addr) {
+  float v[2];
+  ld_shared(addr, v, 8, "ld.shared.v2.f32");
+  return float2{v[0], v[1]};
 }
 
 // A warpgroup-wide operation: the calling thread posts its part with post(op, position) (locked); the

@@ -7,8 +7,8 @@ linear.cu) and writes copies under OUT (default
 tests/emu/build/gen) in which, and only in which:
   - each device function made of inline PTX (cp.async, ldmatrix, mma.sync, ex2.approx, rcp.approx, %laneid,
     %tid, the empty asm of generic.cu's opaque(); mbarrier, bulk tensor copies, fences, named barriers,
-    setmaxnreg, wgmma and its fence/commit/wait in sm90/) is replaced by a one-line call into
-    tests/emu/emu_runtime.h / emu_sm90.h;
+    setmaxnreg, wgmma and its fence/commit/wait, ordinary st.shared / ld.shared in sm90/) is replaced by a
+    one-line call into tests/emu/emu_runtime.h / emu_sm90.h;
   - the sm90-only branch of red_add_f32x2 becomes a run-time switch, so one binary runs both atomics;
   - `extern __shared__ ... smem[]` and `__shared__ T a[N], ...;` become pointers into the emulated
     block's shared memory;
@@ -81,6 +81,9 @@ REPLACE = {
         "reg_fence": "inline void reg_fence(float&) {}\ninline void reg_fence(uint32_t&) {}",
         "opaque_u32": "inline uint32_t opaque_u32(uint32_t x) { return x; }",
         "st_shared_u32": "inline void st_shared_u32(uint32_t addr, uint32_t v) { ::emu::st_shared_u32(addr, v); }",
+        "st_shared_f32": "inline void st_shared_f32(uint32_t addr, float v) { ::emu::st_shared_f32(addr, v); }",
+        "ld_shared_f32": "inline float ld_shared_f32(uint32_t addr) { return ::emu::ld_shared_f32(addr); }",
+        "ld_shared_f32x2": "inline float2 ld_shared_f32x2(uint32_t addr) { return ::emu::ld_shared_f32x2(addr); }",
     },
     "sm90/wgmma.cuh": {
         "wgmma_ss": "template <int N, typename Elem, int TA, int TB>\n"

@@ -21,7 +21,8 @@ OUT = HERE / "build" / "selftest"
 SM90 = ["-DEMU_SM90", "-DEMU_ELEM=__nv_bfloat16", "-DEMU_HD=128"]
 LINEAR = ["-DEMU_LINEAR"]  # marker: build tests/emu/emu_linear.cpp instead of emu_main.cpp
 
-# name, file (under csrc/cuda/), original text, mutated text, build defines, case
+# name, file (under csrc/cuda/), original text, mutated text, build defines, case (original and mutated
+# text may be tuples of the same length: several replacements in one file, all of them must be found)
 MUTATIONS = [
     ("fwd: no barrier before the next prefetch", "fwd_kernel.cuh",
      "__syncthreads();  // every warp is done with this stage", "//", ["-DEMU_ELEM=__half", "-DEMU_HD=64"], "ragged"),
@@ -73,6 +74,16 @@ MUTATIONS = [
      "      }\n      fence_proxy_async();\n    }", "      }\n    }", SM90, "dense"),
     ("sm90 bwd: no named barrier between the dS^T stores and the dQ wgmma", "sm90/bwd.cuh",
      "named_sync(C::kBarDs + c, 128);  // the whole dS^T tile", "// the whole dS^T tile", SM90, "dense"),
+    # The race compute-sanitizer found on an H100 (fixed in 3f12cc1): one arrival per consumer warpgroup on
+    # empty(s) does not order the other warps' ld.shared of the stage's lse / delta vector before the
+    # producer's next st.shared into it (the deterministic pass, with no named barrier in between, shows it).
+    ("sm90 bwd: one empty(s) arrival per consumer warpgroup, lse/delta loads of the other warps unordered",
+     "sm90/bwd.cuh", ("mbar_init(empty(s), 2 * 128);", "    mbar_arrive(empty(s));  // every consumer thread"),
+     ("mbar_init(empty(s), 2);", "    if (ti == 0) mbar_arrive(empty(s));  // one thread per warpgroup"), SM90,
+     "dense"),
+    ("sm90 bwd: only lane 0 of the producer arrives on full(s), the other lanes' lse/delta stores unordered",
+     "sm90/bwd.cuh", ("mbar_init(full(s), 1 + 32);", "        mbar_arrive(full(s));\n"),
+     ("mbar_init(full(s), 1 + 1);", "        if (tid == 0) mbar_arrive(full(s));\n"), SM90, "dense"),
     ("decode: no barrier before the next K / V prefetch", "decode_kernel.cuh",
      "__syncthreads();  // every warp is done with this stage", "//", ["-DEMU_ELEM=__half", "-DEMU_HD=64"], "decode"),
     ("decode: page slot taken modulo 16 instead of the page size", "decode.h",
@@ -106,11 +117,14 @@ def main() -> int:
         shutil.copytree(GEN, d)
         p = d / "cuda" / f
         text = p.read_text()
-        if old not in text:
+        olds, news = (old, new) if isinstance(old, tuple) else ((old,), (new,))
+        if any(o not in text for o in olds):
             print(f"SKIP {name}: pattern not found in {f} (kernel changed; update selftest.py)")
             missed += 1
             continue
-        p.write_text(text.replace(old, new, 1))
+        for o, n in zip(olds, news):
+            text = text.replace(o, n, 1)
+        p.write_text(text)
         exe = d / "emu"
         main_src = "emu_linear.cpp" if defs == LINEAR else "emu_main.cpp"
         subprocess.run(["g++", "-std=c++20", "-O2", "-pthread", "-Wno-psabi", "-I", str(HERE / "shim"), "-I", str(d), *defs,

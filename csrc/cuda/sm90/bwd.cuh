@@ -5,7 +5,8 @@
 //      warpgroup 0 (producer): TMA loads K and V of the tile once, then for every (query head of the GQA
 //        group, query tile of QueryTiles) item the Q and dO tiles (64 rows) into a 2-stage ring; its first
 //        warp also copies the item's 64 lse (log2 units, +inf where no key is seen) and delta values into
-//        the stage. full[s]: 1 arrive.expect_tx + 32 lanes; empty[s]: one arrival per consumer warpgroup.
+//        the stage (st.shared, read with ld.shared by every consumer thread). full[s]: 1 arrive.expect_tx +
+//        32 lanes; empty[s]: one arrival per consumer thread (256), after its last read of the stage.
 //      warpgroups 1, 2 (consumers): warpgroup c owns keys 64 (c % KG) .. + 63 of the tile and columns
 //        [HDP (c / KG), + HDP) of dK and dV, KG = TK / 64 key groups, HDP = HD / (2 / KG). Per item:
 //          S^T = K_c Q^T, dP^T = V_c dO^T   wgmma m64n64k16, A (keys) and B (queries) from shared memory
@@ -87,14 +88,13 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
   const AttnParams& p = prm.p;
   extern __shared__ __align__(1024) char smem[];
   const uint32_t base = (smem_u32(smem) + 1023u) & ~1023u;
-  char* const gbase = smem + (base - smem_u32(smem));  // generic pointer of `base`
   const uint32_t sK = base, sV = base + C::kOffV, sBar = base + C::kOffBar;
   const uint32_t barKV = sBar;
   auto full = [&](int s) { return sBar + 8 * (1 + s); };
   auto empty = [&](int s) { return sBar + 8 * (1 + C::kStages + s); };
   auto sQ = [&](int s) { return base + C::kOffQ + s * 2 * C::kQBytes; };
   auto sdO = [&](int s) { return base + C::kOffQ + s * 2 * C::kQBytes + C::kQBytes; };
-  auto vec = [&](int s) { return reinterpret_cast<float*>(gbase + C::kOffVec + s * 2 * C::TQ * 4); };
+  auto vec = [&](int s) { return base + C::kOffVec + s * 2 * C::TQ * 4; };  // lse[TQ], then delta[TQ]
 
   const int tid = threadIdx.x;
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform (see fwd.cuh)
@@ -149,13 +149,13 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
           }
         }
         // lse (log2 units) and delta of the item's 64 rows, 2 per lane; rows past Sq: P = 0, delta = 0.
-        float* v = vec(s);
+        const uint32_t v = vec(s) + 4 * tid;  // row tid + 32 i at v + 128 i
 #pragma unroll
-        for (int r = tid; r < C::TQ; r += 32) {
-          const int64_t row = q0 + r;
+        for (int i = 0; i < C::TQ / 32; ++i) {
+          const int64_t row = q0 + tid + 32 * i;
           const int64_t off = b * p.lse_b + h * p.lse_h + row;
-          v[r] = row < p.sq ? lse_log2(static_cast<const float*>(p.lse)[off]) : INFINITY;
-          v[C::TQ + r] = row < p.sq ? static_cast<const float*>(p.delta)[off] : 0.f;
+          st_shared_f32(v + 128 * i, row < p.sq ? lse_log2(static_cast<const float*>(p.lse)[off]) : INFINITY);
+          st_shared_f32(v + 4 * C::TQ + 128 * i, row < p.sq ? static_cast<const float*>(p.delta)[off] : 0.f);
         }
         mbar_arrive(full(s));
         ++it;
@@ -225,14 +225,14 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
 
     // P^T and dS^T (accumulator (j, i, e): key key0 + 8 i, query column 8 j + 2 t + e), as A fragments:
     // k-step kk covers queries 16 kk .. 16 kk + 15 = accumulator columns j = 2 kk, 2 kk + 1.
-    const float* v = vec(s);
+    const uint32_t v = vec(s);
     // kMod: ALiBi distance (query + Sk - Sq - key) of the thread's first score of the item.
     const float d0 = kMod ? mod.dist(q0 + 2 * t, key0) : 0.f;
     uint32_t pa[4][4], da[4][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float2 lse2 = *reinterpret_cast<const float2*>(v + 8 * j + 2 * t);
-      const float2 del2 = *reinterpret_cast<const float2*>(v + C::TQ + 8 * j + 2 * t);
+      const float2 lse2 = ld_shared_f32x2(v + 4 * (8 * j + 2 * t));
+      const float2 del2 = ld_shared_f32x2(v + 4 * (C::TQ + 8 * j + 2 * t));
       float pr[4], ds[4];
 #pragma unroll
       for (int x = 0; x < 4; ++x) {

@@ -1,6 +1,8 @@
 // Hopper (sm_90a) instructions of the wgmma/TMA kernels, one small inline-PTX wrapper each, so that the
 // host emulator (tests/emu) can replace exactly these functions by one-line calls into its runtime and
 // run the kernels as written. The warpgroup MMA itself is in wgmma.cuh (generated, one asm per shape).
+// The kernels touch shared memory only through these wrappers (the ordinary float loads and stores near
+// the end are plain C++ on the GPU, wrapped so that the emulator can track them).
 //
 // Conventions (PTX ISA 8.x, "Parallel Synchronization and Communication Instructions: mbarrier",
 // "Data Movement: cp.async.bulk.tensor", "Warpgroup MMA"):
@@ -149,9 +151,26 @@ __device__ __forceinline__ uint32_t opaque_u32(uint32_t x) {
 
 // ------------------------------------------------------------------------------------------------
 // Ordinary shared-memory store of one 32-bit word (tracked by the emulator, which checks the proxy
-// fence between these and the async reads that follow).
+// fence between these and the async reads that follow, and the ordinary reads before them).
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+// Ordinary shared-memory float accesses at a shared-window address: plain C++ loads and stores through
+// the generic pointer of the address, so the compiler emits st.shared.f32 / ld.shared.f32 (ld.shared.v2.f32
+// for the pair) and schedules them like any other shared-memory access (an asm with a "memory" clobber
+// would also pin every other memory access around them). They exist so that the emulator can replace
+// them and track them per word: a store into a word another thread may still be reading (no barrier or
+// mbarrier from its load to the store) and a load of a word written without synchronisation are reported.
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
+  *static_cast<float*>(__cvta_shared_to_generic(addr)) = v;
+}
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  return *static_cast<const float*>(__cvta_shared_to_generic(addr));
+}
+// Two consecutive floats; addr 8-byte aligned.
+__device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {
+  return *static_cast<const float2*>(__cvta_shared_to_generic(addr));
 }
 
 // ------------------------------------------------------------------------------------------------
