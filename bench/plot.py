@@ -29,7 +29,7 @@ STYLE = {"fused_attn": dict(color="C3", linewidth=2.4, marker="o", zorder=5),
          "sdpa+fused_attn": dict(color="C2", linestyle="-.", marker="s"),
          "sdpa": dict(color="C0", marker="."), "sdpa-flash": dict(color="C1", marker="."),
          "sdpa-cudnn": dict(color="C8", marker="."), "sdpa-efficient": dict(color="C7", marker="."),
-         "flex": dict(color="C4", marker=".")}
+         "flex": dict(color="C4", marker="."), "fa4": dict(color="C5", marker=".")}
 
 
 def _ok(rows):
