@@ -178,6 +178,16 @@ def build_ext():
 
     class Build(BuildExtension):
         def build_extensions(self):
+            # A Python whose build flags link the C++ runtime statically would put a private copy of it in
+            # the extension (see check_runtime): drop such flags from the link commands, and log them.
+            for attr in ("linker_so", "linker_so_cxx"):
+                cmd = getattr(self.compiler, attr, None)
+                if isinstance(cmd, list):
+                    kept = [a for a in cmd if a not in ("-static-libstdc++", "-static")]
+                    if kept != cmd:
+                        log(f"dropped {sorted(set(cmd) - set(kept))} from the {attr} command")
+                    setattr(self.compiler, attr, kept)
+                    log(f"{attr}: {' '.join(kept[:3])} ...")
             for ext in self.extensions:
                 srcs = getattr(ext, "sm90_sources", [])
                 if srcs:

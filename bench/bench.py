@@ -36,6 +36,7 @@ import contextlib
 import csv
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -377,6 +378,28 @@ def make_flex(case, q, k, v, opts):
     return lambda: flex(q, k, v, block_mask=bm)
 
 
+def make_fa4(case, q, k, v, opts):
+    """FlashAttention-4 (pip flash-attn-4, CuTe-DSL; flash-attn's (B, S, H, D) layout, taken here as views of
+    the same tensors). Dense, causal and sliding window; its block-sparse tensors are not wired up here."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as e:
+        raise Skip(f"flash-attn-4 unavailable: {e}")
+    if case.layout is not None:
+        raise Skip("block-sparse layouts not wired for flash-attn-4")
+    kw = {}
+    if case.pattern == "causal":
+        kw["causal"] = True
+    elif case.window is not None:
+        kw["window_size"] = tuple(case.window)
+
+    def run():
+        r = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
+        return (r[0] if isinstance(r, tuple) else r).transpose(1, 2)
+
+    return run
+
+
 def implementations(device: torch.device, opts) -> list[Impl]:
     impls = [
         Impl("fused_attn", make_fused),
@@ -396,6 +419,8 @@ def implementations(device: torch.device, opts) -> list[Impl]:
                 impls.append(Impl(name, make_sdpa(getattr(SDPBackend, backend))))
         if not opts.no_flex:
             impls.append(Impl("flex", make_flex))
+        if importlib.util.find_spec("flash_attn") is not None:  # flash-attn-4 carried to the machine as wheels
+            impls.append(Impl("fa4", make_fa4, groups=("dense", "window", "memory")))
     else:
         impls.append(Impl("sdpa", make_sdpa(None)))
         if opts.flex_cpu and not opts.no_flex:

@@ -2,7 +2,7 @@
 # GPU validation in one call, for a GPU machine without network (python3 there already holds torch):
 # build, CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases, the GPU benchmark.
 # Everything lands in one folder ($OUT, or bench/results/gpu_run), with a summary at the end.
-#   bash bench/gpu_check.sh [build|prebuilt|probe|test|test-sm80|sanitize|bench|bench-dense|bench-rest ...]
+#   bash bench/gpu_check.sh [build|prebuilt|diag|probe|test|test-sm80|sanitize|ncu|fa4-a|fa4-b|bench|bench-dense|bench-rest ...]
 #   (default: build probe test sanitize bench). On a Hopper GPU (compute capability 9.0) the fp16/bf16 calls
 #   run the wgmma/TMA kernels; probe checks the ISA readings they rely on first (notes/hopper.md), test-sm80
 #   runs the CUDA tests again with the mma.sync kernels forced (FUSED_ATTN_FORCE_SM80=1).
@@ -108,6 +108,31 @@ PYEOF
         timeout $(left) compute-sanitizer --tool $tool --error-exitcode 3 --print-limit 200 $PY bench/sanitize_cases.py > "$log" 2>&1
         rc=$?
         note "compute-sanitizer $tool: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases done' "$log" | tail -2 | tr '\n' ' ')"
+      done
+      ;;
+    fa4-a|fa4-b)  # FlashAttention-4 as a peer: its wheels travel in two calls (carry .fa4a, then .fa4b within
+      # the machine's 30 s warm window); fa4-b joins the CuTe-DSL library archive, installs into /tmp/site.
+      mkdir -p /root/fa4
+      if [ "$stage" = fa4-a ]; then
+        cp .fa4a/* /root/fa4/ && note "fa4-a: $(ls /root/fa4 | wc -l) files stashed in /root/fa4"
+      else
+        # the wheels first (pip --target skips folders that exist), then the library archive merged over them
+        cp .fa4b/* /root/fa4/ && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+          /root/fa4/*.whl > "$OUT/fa4.log" 2>&1 && cat /root/fa4/cut13.part-* | xz -dc -T0 | tar xf - -C /tmp/site
+        # PYTHONPATH does not run .pth files: the CuTe-DSL's own packages folder goes on the path by hand
+        export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+        $PY -c 'import flash_attn.cute as f; print("flash-attn-4", f.__version__)' >> "$OUT/fa4.log" 2>&1
+        note "fa4-b: rc=$?: $(tail -1 "$OUT/fa4.log")"
+      fi
+      ;;
+    ncu)  # Nsight Compute on the main kernels of both families (one launch each after warm-up)
+      sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats"
+      for spec in ${NCU_CASES:-"fwd:sm90" "fwd:sm80" "fwd_sparse:sm90" "bwd:sm90" "bwd:sm80"}; do
+        case_=${spec%%:*}; fam=${spec##*:}; force=; [ "$fam" = sm80 ] && force=1
+        log="$OUT/ncu_${case_}_$fam.txt"
+        FUSED_ATTN_FORCE_SM80=$force timeout $(left) ncu --clock-control none --launch-skip 3 --launch-count 3 \
+          --kernel-name regex:'fwd_kernel|dkdv_kernel|dq_kernel' $sections $PY bench/ncu_cases.py $case_ > "$log" 2>&1
+        note "ncu $case_ ($fam): rc=$? in $(( $(date +%s) - t0 )) s: $(grep -E 'Duration|Compute \(SM\) Throughput' "$log" | head -2 | tr -s ' ' | tr '\n' ';')"
       done
       ;;
     bench|bench-dense|bench-rest)

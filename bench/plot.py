@@ -25,7 +25,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 MODES = ("fwd", "fwd+bwd")
 STYLE = {"fused_attn": dict(color="C3", linewidth=2.4, marker="o", zorder=5),
          "fused_attn-dense": dict(color="C3", linestyle="--", marker="x"),
-         "sdpa+fused_attn": dict(color="C2", linestyle="-.", marker="s")}
+         "fused_attn-sm80": dict(color="C3", linestyle=":", marker="^"),  # the mma.sync family on Hopper
+         "sdpa+fused_attn": dict(color="C2", linestyle="-.", marker="s"),
+         "sdpa": dict(color="C0", marker="."), "sdpa-flash": dict(color="C1", marker="."),
+         "sdpa-cudnn": dict(color="C8", marker="."), "sdpa-efficient": dict(color="C7", marker="."),
+         "flex": dict(color="C4", marker="."), "fa4": dict(color="C5", marker=".")}
 
 
 def _ok(rows):

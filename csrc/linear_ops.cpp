@@ -180,6 +180,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_cpu(const Tensor& q_in, co
   return {out.to(q_in.scalar_type()), den, s, z};
 }
 
+// The backward's gradient inputs and outputs: dout, out, den in; dq, dk, dv, ds0, dz0 out (CPU and CUDA).
+void set_bwd_io(LinearParams& p, const Tensor& dout, const Tensor& out, const Tensor& den, Tensor& dq, Tensor& dk,
+                Tensor& dv, Tensor& ds0, Tensor& dz0) {
+  p.dout = dout.data_ptr();
+  p.do_st = strides4(dout);
+  p.o = const_cast<void*>(out.data_ptr());
+  p.o_st = strides4(out);
+  p.den = const_cast<void*>(den.data_ptr());
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_st = strides4(dq);
+  p.dk_st = strides4(dk);
+  p.dv_st = strides4(dv);
+  p.ds0 = ds0.data_ptr();
+  p.dz0 = dz0.data_ptr();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cpu(
     const Tensor& dout_in, const std::optional<Tensor>& ds_in, const std::optional<Tensor>& dz_in,
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in, const Tensor& den_in,
@@ -211,19 +229,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cpu(
   Tensor dz0 = at::empty({b, h, dk}, q.options().dtype(sd));
   LinearParams p = base(q, k, v, causal, feature_map, normalize, scale, eps);
   const StateIn state = set_state_in(p, s0_in, z0_in, ds_in, dz_in);
-  p.dout = dout.data_ptr();
-  p.do_st = strides4(dout);
-  p.o = const_cast<void*>(out.data_ptr());
-  p.o_st = strides4(out);
-  p.den = const_cast<void*>(den.data_ptr());
-  p.dq = dq.data_ptr();
-  p.dk = dk_t.data_ptr();
-  p.dv = dv_t.data_ptr();
-  p.dq_st = strides4(dq);
-  p.dk_st = strides4(dk_t);
-  p.dv_st = strides4(dv_t);
-  p.ds0 = ds0.data_ptr();
-  p.dz0 = dz0.data_ptr();
+  set_bwd_io(p, dout, out, den, dq, dk_t, dv_t, ds0, dz0);
   if (b * h > 0) cpu_linear_bwd(p, kernel_dtype(q));
   const auto back = q_in.scalar_type();
   return {dq.to(back), dk_t.to(back), dv_t.to(back), ds0, dz0};
@@ -380,19 +386,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_bwd_cuda(
   } else {
     work = set_segments(p, q);
   }
-  p.dout = dout.data_ptr();
-  p.do_st = strides4(dout);
-  p.o = const_cast<void*>(out.data_ptr());
-  p.o_st = strides4(out);
-  p.den = const_cast<void*>(den.data_ptr());
-  p.dq = dq.data_ptr();
-  p.dk = dk_t.data_ptr();
-  p.dv = dv_t.data_ptr();
-  p.dq_st = strides4(dq);
-  p.dk_st = strides4(dk_t);
-  p.dv_st = strides4(dv_t);
-  p.ds0 = ds0.data_ptr();
-  p.dz0 = dz0.data_ptr();
+  set_bwd_io(p, dout, out, den, dq, dk_t, dv_t, ds0, dz0);
   linear_cuda_bwd(p, tc ? dtype_of(q) : kernel_dtype(q), c10::cuda::getCurrentCUDAStream().stream());
   return {dq.to(back), dk_t.to(back), dv_t.to(back), ds0, dz0};
 }

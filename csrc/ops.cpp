@@ -223,6 +223,19 @@ void set_bwd(AttnParams& p, BwdTensors& t, const std::optional<Tensor>& dlse) {
   p.delta = t.delta.data_ptr();
 }
 
+// set_bwd for a packed batch: (total, H, D) tensors with batch stride 0, lse / delta (Hq, total_q).
+void set_varlen_bwd(AttnParams& p, BwdTensors& t, const std::optional<Tensor>& dlse) {
+  set_bwd(p, t, dlse);
+  p.lse_b = 0;
+  p.lse_h = t.lse.stride(0);
+  auto packed = [](const Tensor& x) { return Strides{0, x.stride(1), x.stride(0)}; };
+  p.o_st = packed(t.out);
+  p.do_st = packed(t.dout);
+  p.dq_st = packed(t.dq);
+  p.dk_st = packed(t.dk);
+  p.dv_st = packed(t.dv);
+}
+
 // softcap and ALiBi slopes (float32, (B or 1, Hq), contiguous; the Python layer reshapes (Hq,) to (1, Hq)).
 void set_score_mod(AttnParams& p, double softcap, const std::optional<Tensor>& alibi, const Tensor& q) {
   TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), "softcap: expected a finite float >= 0, got ",
@@ -413,16 +426,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cpu(const Tensor& dout_in, const T
   if (q.numel() > 0 && k.numel() > 0 && cu_q.size(0) > 1) {
     AttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
     set_score_mod(p, softcap, alibi, q);
-    // set_bwd fills the fixed-length layout; the packed layout is (S, H, D) with batch stride 0.
-    set_bwd(p, t, dlse);
-    p.lse_b = 0;
-    p.lse_h = t.lse.stride(0);
-    auto packed = [](const Tensor& x) { return Strides{0, x.stride(1), x.stride(0)}; };
-    p.o_st = packed(t.out);
-    p.do_st = packed(t.dout);
-    p.dq_st = packed(t.dq);
-    p.dk_st = packed(t.dk);
-    p.dv_st = packed(t.dv);
+    set_varlen_bwd(p, t, dlse);
     p.deterministic = true;
     cpu_bwd(p, dtype_of(q));
   }
@@ -759,17 +763,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor& dout_in, const 
   set_score_mod(p, softcap, alibi, q);
   if (q.numel() == 0 || k.numel() == 0 || p.batch == 0 || max_q == 0 || max_k == 0)
     return {t.dq.zero_(), t.dk.zero_(), t.dv.zero_()};
-  // set_bwd fills the fixed-length layout; the packed one is (total, H, D) with batch stride 0 and lse / delta
-  // (Hq, total_q).
-  set_bwd(p, t, dlse);
-  p.lse_b = 0;
-  p.lse_h = t.lse.stride(0);
-  auto packed = [](const Tensor& x) { return Strides{0, x.stride(1), x.stride(0)}; };
-  p.o_st = packed(t.out);
-  p.do_st = packed(t.dout);
-  p.dq_st = packed(t.dq);
-  p.dk_st = packed(t.dk);
-  p.dv_st = packed(t.dv);
+  set_varlen_bwd(p, t, dlse);
   p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   Tensor dq_accum;
