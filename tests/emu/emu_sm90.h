@@ -749,28 +749,22 @@ inline void named_bar(int id, int n, bool wait) {
   acquire_from(b.done);
 }
 
-inline void st_shared_u32(uint32_t addr, uint32_t v) {
+// An ordinary store of one 32-bit word (`what`: the instruction, for the messages).
+inline void st_shared_word(uint32_t addr, uint32_t v, const char* what) {
   std::unique_lock<std::mutex> lk(g_block->m);
   if (addr % 4 || !in_smem(addr, 4)) {
-    error("st.shared.b32 at %u: misaligned or outside the dynamic shared memory", addr);
+    error("%s at %u: misaligned or outside the dynamic shared memory", what, addr);
     return;
   }
-  if (SB().sh[addr / 4].wkind == 3) error("st.shared.b32 writes over the mbarrier at smem %u", addr & ~7u);
+  if (SB().sh[addr / 4].wkind == 3) error("%s writes over the mbarrier at smem %u", what, addr & ~7u);
   word_write(addr / 4, -1, "st.shared");
   std::memcpy(g_smem + addr, &v, 4);
 }
-
+inline void st_shared_u32(uint32_t addr, uint32_t v) { st_shared_word(addr, v, "st.shared.b32"); }
 inline void st_shared_f32(uint32_t addr, float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
-  std::unique_lock<std::mutex> lk(g_block->m);
-  if (addr % 4 || !in_smem(addr, 4)) {
-    error("st.shared.f32 at %u: misaligned or outside the dynamic shared memory", addr);
-    return;
-  }
-  if (SB().sh[addr / 4].wkind == 3) error("st.shared.f32 writes over the mbarrier at smem %u", addr & ~7u);
-  word_write(addr / 4, -1, "st.shared");
-  std::memcpy(g_smem + addr, &u, 4);
+  st_shared_word(addr, u, "st.shared.f32");
 }
 
 // Ordinary loads of `bytes` (4 or 8, aligned) at addr into out; a bad address reads as NaN.
