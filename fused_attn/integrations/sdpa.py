@@ -142,10 +142,9 @@ def install() -> _Handle:
         "_flash_attention_forward_no_dropout_inplace": _fa_fwd_inplace,
         "_flash_attention_backward": _fa_bwd,
     }
+    plan = [(op, "CPU") for op in _CPU_SDPA_OPS] + [(op, k) for op in _FLASH_OPS for k in ("CPU", "CUDA")]
     # Only the ops this torch has (torch 2.11 has no _flash_attention_forward_no_dropout_inplace).
-    present = [op for op in _CPU_SDPA_OPS + _FLASH_OPS if hasattr(torch.ops.aten, op)]
-    plan = [(op, "CPU") for op in _CPU_SDPA_OPS if op in present] + [
-        (op, k) for op in _FLASH_OPS if op in present for k in ("CPU", "CUDA")]
+    plan = [(op, key) for op, key in plan if hasattr(torch.ops.aten, op)]
     originals = {(op, key): _original(op, key) for op, key in plan}
     lib = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():

@@ -778,11 +778,6 @@ inline void ld_shared(uint32_t addr, void* out, uint32_t bytes, const char* what
   for (uint32_t w = addr / 4; w < (addr + bytes) / 4; ++w) word_read(w, what);
   std::memcpy(out, g_smem + addr, bytes);
 }
-inline float ld_shared_f32(uint32_t addr) {
-  float v;
-  ld_shared(addr, &v, 4, "ld.shared.f32");
-  return v;
-}
 inline float2 ld_shared_f32x2(uint32_t addr) {
   float v[2];
   ld_shared(addr, v, 8, "ld.shared.v2.f32");

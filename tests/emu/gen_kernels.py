@@ -82,7 +82,6 @@ REPLACE = {
         "opaque_u32": "inline uint32_t opaque_u32(uint32_t x) { return x; }",
         "st_shared_u32": "inline void st_shared_u32(uint32_t addr, uint32_t v) { ::emu::st_shared_u32(addr, v); }",
         "st_shared_f32": "inline void st_shared_f32(uint32_t addr, float v) { ::emu::st_shared_f32(addr, v); }",
-        "ld_shared_f32": "inline float ld_shared_f32(uint32_t addr) { return ::emu::ld_shared_f32(addr); }",
         "ld_shared_f32x2": "inline float2 ld_shared_f32x2(uint32_t addr) { return ::emu::ld_shared_f32x2(addr); }",
     },
     "sm90/wgmma.cuh": {

@@ -157,16 +157,13 @@ __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
 }
 
 // Ordinary shared-memory float accesses at a shared-window address: plain C++ loads and stores through
-// the generic pointer of the address, so the compiler emits st.shared.f32 / ld.shared.f32 (ld.shared.v2.f32
-// for the pair) and schedules them like any other shared-memory access (an asm with a "memory" clobber
-// would also pin every other memory access around them). They exist so that the emulator can replace
+// the generic pointer of the address, so the compiler emits st.shared.f32 and ld.shared.v2.f32 and
+// schedules them like any other shared-memory access (an asm with a "memory" clobber would also pin every
+// other memory access around them). They exist so that the emulator can replace
 // them and track them per word: a store into a word another thread may still be reading (no barrier or
 // mbarrier from its load to the store) and a load of a word written without synchronisation are reported.
 __device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
   *static_cast<float*>(__cvta_shared_to_generic(addr)) = v;
-}
-__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
-  return *static_cast<const float*>(__cvta_shared_to_generic(addr));
 }
 // Two consecutive floats; addr 8-byte aligned.
 __device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {
