@@ -11,6 +11,9 @@ enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 // Tiles: with a block layout, exactly (p.list_tq, p.list_tk), the granularity of the lists;
 // otherwise the kernel's own choice.
 void cpu_fwd(const AttnParams& p, DType dt);
+// The vector width the CPU kernels run at on this machine (tile_math.h): "x86-64-v4" (16 lanes), "x86-64-v3"
+// (8 lanes) or "baseline" (4 lanes); FUSED_ATTN_CPU_ISA=v1 / v3 lowers it.
+const char* cpu_isa();
 // Writes dq, dk, dv; p.delta is caller-allocated scratch of lse's shape and type.
 void cpu_bwd(const AttnParams& p, DType dt);
 // KV-cache attention (forward only): q (B, Hq, Sq, D) against the cache through p.seqlens_k (+

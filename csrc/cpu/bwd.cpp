@@ -163,7 +163,7 @@ void bwd_impl(const AttnParams& p) {
     w.dpt.reset(new T[tk * tq]);
     w.dk.reset(new T[tk * d]);
     w.dv.reset(new T[tk * d]);
-    if (capped) w.dmod.reset(new T[tk * tq]);
+    if (capped && !std::is_same_v<T, float>) w.dmod.reset(new T[tk * tq]);  // fp64's separate cap pass
     return w;
   };
 
@@ -200,14 +200,23 @@ void bwd_impl(const AttnParams& p) {
 
           const int64_t qo = qbuf(b, h, vis.tile);
           cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + qo, tq, st, tq, false);
-          if (tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn))
-            cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, st, tq, true);
-          if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, st, tq, true, dmod);
+          const bool masked = tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn);
+          if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, st, tq, true);
           cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + qo, tq, dpt, tq, false);
-          cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale);
-          if (capped)  // chain rule through the cap: dS_raw = dS_capped * (1 - tanh^2)
-            for (int64_t r = 0; r < kn; ++r)
-              for (int64_t cc = 0; cc < qn; ++cc) dpt[r * tq + cc] *= dmod[r * tq + cc];
+          if constexpr (std::is_same_v<T, float>) {
+            // fp32: the modifiers and the cap's chain rule run inside the P / dS pass (tile_math.h)
+            const cpu::RowMod rm{mod.cap > 0 ? static_cast<float>(mod.inv_cap) : 0.0f,
+                                 static_cast<float>(kLog2e * mod.cap), static_cast<float>(kLog2e * mod.slope),
+                                 static_cast<float>(q0 + mod.offset - k0), masked};
+            cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale,
+                             mod.active() ? &rm : nullptr);
+          } else {
+            if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, st, tq, true, dmod);
+            cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale);
+            if (capped)  // chain rule through the cap: dS_raw = dS_capped * (1 - tanh^2)
+              for (int64_t r = 0; r < kn; ++r)
+                for (int64_t cc = 0; cc < qn; ++cc) dpt[r * tq + cc] *= dmod[r * tq + cc];
+          }
           cpu::gemm(kn, d, qn, st, tq, dout + p.do_st.at(b, h, si.q_off + q0), p.do_st.s, dva, d, started);
           cpu::gemm(kn, d, qn, dpt, tq, q + p.q_st.at(b, h, si.q_off + q0), p.q_st.s, dka, d, started);
           cpu::gemm(d, qn, kn, kt.get() + kbuf(b, kvh, kti), tk, dpt, tq, dqt_c + qo, tq, true);

@@ -124,13 +124,13 @@ void fwd_impl(const AttnParams& p) {
       cpu::gemm(qn, kn, d, qtile, p.q_st.s, kth + k0, ldk[b], s, tk, false);
       // Mask first (-inf), then the modifiers, which keep -inf: in fp32 they run inside the softmax step's
       // first pass over the tile (tile_math.h), in fp64 as their own pass.
-      if (tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn))
-        cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
+      const bool masked = tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn);
+      if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
       if constexpr (std::is_same_v<T, float>) {
         if (mod.active()) {
           const cpu::RowMod rm{mod.cap > 0 ? static_cast<float>(mod.inv_cap) : 0.0f,
                                static_cast<float>(kLog2e * mod.cap), static_cast<float>(kLog2e * mod.slope),
-                               static_cast<float>(q0 + mod.offset - k0)};
+                               static_cast<float>(q0 + mod.offset - k0), masked};
           cpu::softmax_step(s, qn, kn, tk, m, l, alpha, &rm);
         } else {
           cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
@@ -170,6 +170,14 @@ void fwd_impl(const AttnParams& p) {
 }
 
 }  // namespace
+
+const char* cpu_isa() {
+  switch (cpu::vec::isa_level()) {
+    case 4: return "x86-64-v4";
+    case 3: return "x86-64-v3";
+    default: return "baseline";
+  }
+}
 
 void cpu_fwd(const AttnParams& p, DType dt) {
   switch (dt) {

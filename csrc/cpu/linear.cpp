@@ -44,23 +44,27 @@ constexpr double kLog2e = 1.4426950408889634074;
 // ---------------------------------------------------------------------------------------------------
 // Feature maps. dst (rows x d, ld_dst) = phi(scale * src), src rows ld_src apart with unit stride.
 
-FA_CPU_CLONES static void features_f32(const float* src, int64_t ld_src, int64_t rows, int64_t d, float scale,
-                                       FeatureMap fm, float* dst, int64_t ld_dst) {
-  const int64_t dv = d - d % cpu::vec::kW;
-  const cpu::vec::f16 zero = cpu::vec::splat(0.0f), one = cpu::vec::splat(1.0f);
+namespace vec = cpu::vec;  // FA_CPU_BY_WIDTH below names vec::isa_level
+
+template <typename F>
+FA_CPU_INLINE void features_f32_body(const float* src, int64_t ld_src, int64_t rows, int64_t d, float scale,
+                                     FeatureMap fm, float* dst, int64_t ld_dst) {
+  constexpr int W = vec::width<F>;
+  const int64_t dv = d - d % W;
+  const F zero = vec::splat<F>(0.0f), one = vec::splat<F>(1.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = src + r * ld_src;
     float* o = dst + r * ld_dst;
-    for (int64_t c = 0; c < dv; c += cpu::vec::kW) {
-      const cpu::vec::f16 x = cpu::vec::load(s + c) * scale;
-      cpu::vec::f16 y;
+    for (int64_t c = 0; c < dv; c += W) {
+      const F x = vec::load<F>(s + c) * scale;
+      F y;
       if (fm == FeatureMap::elu1)
-        y = x > zero ? x + one : cpu::vec::exp2(x * static_cast<float>(kLog2e));
+        y = x > zero ? x + one : vec::exp2(x * static_cast<float>(kLog2e));
       else if (fm == FeatureMap::relu)
         y = x > zero ? x : zero;
       else
         y = x;
-      cpu::vec::store(o + c, y);
+      vec::store(o + c, y);
     }
     for (int64_t c = dv; c < d; ++c) {
       const float x = s[c] * scale;
@@ -68,6 +72,10 @@ FA_CPU_CLONES static void features_f32(const float* src, int64_t ld_src, int64_t
     }
   }
 }
+FA_CPU_BY_WIDTH(void, features_f32,
+                (const float* src, int64_t ld_src, int64_t rows, int64_t d, float scale, FeatureMap fm, float* dst,
+                 int64_t ld_dst),
+                (src, ld_src, rows, d, scale, fm, dst, ld_dst))
 
 void features(const float* src, int64_t ld_src, int64_t rows, int64_t d, float scale, FeatureMap fm, float* dst,
               int64_t ld_dst) {

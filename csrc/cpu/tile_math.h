@@ -8,9 +8,10 @@
 //   not exported from libtorch_cpu.so, so an extension cannot link them. brgemm has no transpose flags:
 //   the kernels pre-transpose K (and Q, dO in the backward) once per head, which costs O(S*D).
 //   64x64x64 brgemm runs at ~170 GFLOP/s on one core, as fast as MKL sgemm at that size.
-// - exp: a base-2 polynomial exp on GCC vector extensions, compiled per ISA with target_clones (AVX-512,
-//   AVX2, baseline) and picked at load time, so the package is fast without -march flags and still runs
-//   on any x86-64. Max relative error ~2 ulp. Double uses std::exp2 (fp64 is for accuracy, not speed).
+// - exp: a base-2 polynomial exp on GCC vector extensions. The vector code is written once over the vector
+//   type and compiled at each x86 level's register width (16 lanes AVX-512, 8 AVX2, 4 baseline), picked at
+//   load time (FA_CPU_BY_WIDTH), so the package is fast without -march flags and still runs on any x86-64.
+//   Max relative error ~2 ulp. Double uses std::exp2 (fp64 is for accuracy, not speed).
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -19,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -159,55 +161,118 @@ void mask_tile(const AttnParams& p, const TileVisit& v, int64_t b, int64_t h, in
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Vectorised fp32 exp (16 lanes; GCC lowers the 64-byte vector to 1 zmm, 2 ymm or 4 xmm registers).
+// Vectorised fp32 helpers on GCC vector extensions, written once for any width W (4, 8 or 16 lanes) and
+// compiled at the width of each ISA's registers: 16 lanes (one zmm) for x86-64-v4 (AVX-512), 8 (one ymm)
+// for x86-64-v3 (AVX2 + FMA), 4 (one xmm) for baseline x86-64 and other architectures. The kernels that use
+// them are templates over the vector type with one entry point per ISA (FA_CPU_BY_WIDTH below), picked once
+// at load time, so the package is fast without -march flags and still runs on any x86-64.
+// (One 16-lane type for every ISA, through target_clones, was the first version: on AVX2 GCC lowers a
+// 64-byte vector to two ymm partly through the stack and its conditionals (max, select) to scalar code, which
+// made the forward's softmax step 28% of the forward and a softcap +70%; notes/cpu_kernels.md.)
 
 namespace vec {
-typedef float f16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+template <int W>
+struct Lanes;
+template <>
+struct Lanes<16> {
+  typedef float F __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<4> {
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+};
+template <typename F>
+constexpr int width = static_cast<int>(sizeof(F) / sizeof(float));
+template <typename F>
+using int_of = typename Lanes<width<F>>::I;
+
+// The 16-lane type, for the helpers that stay on 16x16 blocks (transposes, row dots; target_clones).
+typedef Lanes<16>::F f16;
+typedef Lanes<16>::I i16;
 constexpr int kW = 16;
 
-FA_CPU_INLINE f16 splat(float x) { return f16{} + x; }
-FA_CPU_INLINE i16 splat_i(int32_t x) { return i16{} + x; }
-FA_CPU_INLINE f16 load(const float* p) {
-  f16 v;
+template <typename F = f16>
+FA_CPU_INLINE F splat(float x) {
+  return F{} + x;
+}
+template <typename F = f16>
+FA_CPU_INLINE int_of<F> splat_i(int32_t x) {
+  return int_of<F>{} + x;
+}
+template <typename F = f16>
+FA_CPU_INLINE F load(const float* p) {
+  F v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-FA_CPU_INLINE void store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
-// The first n (< 16) lanes from p, the rest `fill`.
-FA_CPU_INLINE f16 load_part(const float* p, int64_t n, float fill) {
-  float tmp[kW];
-  for (int i = 0; i < kW; ++i) tmp[i] = i < n ? p[i] : fill;
-  return load(tmp);
+template <typename F>
+FA_CPU_INLINE void store(float* p, F v) {
+  std::memcpy(p, &v, sizeof(v));
 }
-FA_CPU_INLINE void store_part(float* p, f16 v, int64_t n) {
-  float tmp[kW];
+// The first n (< W) lanes from p, the rest `fill`.
+template <typename F>
+FA_CPU_INLINE F load_part(const float* p, int64_t n, float fill) {
+  float tmp[width<F>];
+  for (int i = 0; i < width<F>; ++i) tmp[i] = i < n ? p[i] : fill;
+  return load<F>(tmp);
+}
+template <typename F>
+FA_CPU_INLINE void store_part(float* p, F v, int64_t n) {
+  float tmp[width<F>];
   store(tmp, v);
   for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
 }
-FA_CPU_INLINE f16 vmax(f16 a, f16 b) { return a > b ? a : b; }
-// Horizontal max and sum as a shuffle tree (a fixed order on every ISA); a loop through memory here
-// cost ~10% of the forward in store-forwarding stalls.
-FA_CPU_INLINE f16 swap_halves(f16 v, int w) {
-  switch (w) {
-    case 8: return __builtin_shuffle(v, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    case 4: return __builtin_shuffle(v, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    case 2: return __builtin_shuffle(v, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    default: return __builtin_shuffle(v, i16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+template <typename F>
+FA_CPU_INLINE F vmax(F a, F b) {
+  return a > b ? a : b;
+}
+// 0, 1, 2, ... W - 1
+template <typename F>
+FA_CPU_INLINE F iota() {
+  if constexpr (width<F> == 16)
+    return F{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  else if constexpr (width<F> == 8)
+    return F{0, 1, 2, 3, 4, 5, 6, 7};
+  else
+    return F{0, 1, 2, 3};
+}
+// Lane i <- lane i ^ w (w = W/2, ..., 2, 1): the steps of a horizontal reduction as a shuffle tree, a fixed
+// order for a given width (a loop through memory here cost ~10% of the forward in store-forwarding stalls).
+template <typename F>
+FA_CPU_INLINE F swap_lanes(F v, int w) {
+  using I = int_of<F>;
+  if constexpr (width<F> == 16) {
+    switch (w) {
+      case 8: return __builtin_shuffle(v, I{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+      case 4: return __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+      case 2: return __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+      default: return __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    }
+  } else if constexpr (width<F> == 8) {
+    switch (w) {
+      case 4: return __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3});
+      case 2: return __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5});
+      default: return __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6});
+    }
+  } else {
+    return w == 2 ? __builtin_shuffle(v, I{2, 3, 0, 1}) : __builtin_shuffle(v, I{1, 0, 3, 2});
   }
 }
-FA_CPU_INLINE float hmax(f16 v) {
-  v = vmax(v, swap_halves(v, 8));
-  v = vmax(v, swap_halves(v, 4));
-  v = vmax(v, swap_halves(v, 2));
-  v = vmax(v, swap_halves(v, 1));
+template <typename F>
+FA_CPU_INLINE float hmax(F v) {
+  for (int w = width<F> / 2; w >= 1; w /= 2) v = vmax(v, swap_lanes(v, w));
   return v[0];
 }
-FA_CPU_INLINE float hsum(f16 v) {
-  v += swap_halves(v, 8);
-  v += swap_halves(v, 4);
-  v += swap_halves(v, 2);
-  v += swap_halves(v, 1);
+template <typename F>
+FA_CPU_INLINE float hsum(F v) {
+  for (int w = width<F> / 2; w >= 1; w /= 2) v += swap_lanes(v, w);
   return v[0];
 }
 
@@ -215,9 +280,8 @@ FA_CPU_INLINE float hsum(f16 v) {
 // The kernels work in base 2 (scores pre-scaled by log2(e), as FlashAttention does), which saves the
 // two-constant ln2 range reduction. n = round(x) through the 1.5 * 2^23 trick (the low bits of t hold n),
 // f = x - n in [-0.5, 0.5], 2^f by a degree-6 polynomial (relative-error fit, 1e-7 max in fp32 with
-// rounding), and 2^n added straight into the exponent bits. ~15 vector ops per 16 elements, against
-// ~24 for a natural-base Cephes exp with clamps: the forward's softmax step went from 24% to 19% of its
-// GEMM time (perf, one thread, B1 H8 S2048 D64).
+// rounding), and 2^n added straight into the exponent bits. ~15 vector ops per vector, against ~24 for a
+// natural-base Cephes exp with clamps.
 // Written once for any float vector F with its int32 twin I (decode.cpp uses 8 lanes).
 template <typename F, typename I>
 FA_CPU_INLINE F exp2_lanes(F x) {
@@ -236,8 +300,57 @@ FA_CPU_INLINE F exp2_lanes(F x) {
   const I bits = (I)y + ((I)t << 23);
   return (F)(bits & keep);
 }
-FA_CPU_INLINE f16 exp2(f16 x) { return exp2_lanes<f16, i16>(x); }
+template <typename F>
+FA_CPU_INLINE F exp2(F x) {
+  return exp2_lanes<F, int_of<F>>(x);
+}
+
+// The ISA level the width-dispatched kernels run at: 4 (x86-64-v4), 3 (x86-64-v3) or 1 (anything else),
+// read once. FUSED_ATTN_CPU_ISA=v1 or v3 lowers it (the tests run every width a machine has that way); a
+// level the CPU lacks is never taken.
+inline int isa_level() {
+  static const int level = [] {
+    int have = 1;
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
+    __builtin_cpu_init();
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c") &&
+                    __builtin_cpu_supports("movbe");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512cd");
+    have = v4 ? 4 : v3 ? 3 : 1;
+#endif
+    const char* e = std::getenv("FUSED_ATTN_CPU_ISA");
+    const int want = e == nullptr ? 4 : std::strcmp(e, "v1") == 0 ? 1 : std::strcmp(e, "v3") == 0 ? 3 : 4;
+    return std::min(have, want);
+  }();
+  return level;
+}
 }  // namespace vec
+
+// One kernel body template `name##_body<F>` compiled at each width, and `name` calling the one for this CPU.
+// params and args are parenthesised lists. (target_clones cannot pick a width: one source, one type.)
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
+#define FA_CPU_BY_WIDTH(ret, name, params, args)                                                              \
+  __attribute__((target("arch=x86-64-v4"))) static ret name##_v4 params {                                    \
+    return name##_body<vec::Lanes<16>::F> args;                                                               \
+  }                                                                                                           \
+  __attribute__((target("arch=x86-64-v3"))) static ret name##_v3 params {                                    \
+    return name##_body<vec::Lanes<8>::F> args;                                                                \
+  }                                                                                                           \
+  static ret name##_v1 params { return name##_body<vec::Lanes<4>::F> args; }                                  \
+  static ret name params {                                                                                    \
+    switch (vec::isa_level()) {                                                                               \
+      case 4: return name##_v4 args;                                                                          \
+      case 3: return name##_v3 args;                                                                          \
+      default: return name##_v1 args;                                                                         \
+    }                                                                                                         \
+  }
+#else
+#define FA_CPU_BY_WIDTH(ret, name, params, args) \
+  static ret name params { return name##_body<vec::Lanes<4>::F> args; }
+#endif
 
 // ---------------------------------------------------------------------------------------------------
 // Score modifiers (mask.h's ScoreMod) on a score tile, before masking. With a softcap the tile holds the
@@ -249,46 +362,71 @@ FA_CPU_INLINE f16 exp2(f16 x) { return exp2_lanes<f16, i16>(x); }
 
 // The modifiers on one vector of a line: y <- cap_mul * tanh(y * inv_cap) (when inv_cap > 0), then
 // y -= a * |dstart + step * lane| (when a != 0); -inf stays -inf (masked scores stay masked). g, when
-// non-null, gets d(capped)/dy = 1 - tanh^2. Always inlined, so it is compiled for each target clone of its
+// non-null, gets d(capped)/dy = 1 - tanh^2. Always inlined, so it is compiled for each ISA entry point of its
 // caller (a lambda or an out-of-line helper would be compiled for the baseline ISA only).
 namespace vec {
-FA_CPU_INLINE f16 alibi_dist(float dstart, float step) {
-  const f16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const f16 dd = splat(dstart) + iota * step;
-  return (f16)((i16)dd & splat_i(0x7fffffff));  // |dd| by clearing the sign bit
+template <typename F>
+FA_CPU_INLINE F alibi_dist(float dstart, float step) {
+  const F dd = splat<F>(dstart) + iota<F>() * step;
+  return (F)((int_of<F>)dd & splat_i<F>(0x7fffffff));  // |dd| by clearing the sign bit
 }
-FA_CPU_INLINE f16 score_mod(f16 y, float inv_cap, float cap_mul, float a, float dstart, float step, f16* g) {
-  if (inv_cap <= 0.0f) {  // ALiBi alone: -inf minus a finite bias stays -inf, no select needed
-    if (g) *g = splat(1.0f);
-    return a != 0.0f ? y - a * alibi_dist(dstart, step) : y;
+// 1 / x for x in [1, 2^127]: the ISA's reciprocal estimate and one Newton step (relative error ~1e-7). A
+// division's latency (11+ cycles) was the softcap step's bottleneck (perf: a quarter of its samples).
+template <typename F>
+FA_CPU_INLINE F recip(F x) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  // Inline assembly: the builtins of an ISA the translation unit is not compiled for are not declared, and
+  // each width is only ever inlined into the entry point of its own ISA (FA_CPU_BY_WIDTH).
+  F r;
+  if constexpr (width<F> == 16)
+    asm("vrcp14ps %1, %0" : "=v"(r) : "v"(x));
+  else if constexpr (width<F> == 8)
+    asm("vrcpps %1, %0" : "=x"(r) : "x"(x));
+  else
+    asm("rcpps %1, %0" : "=x"(r) : "x"(x));
+  return r * (splat<F>(2.0f) - x * r);
+#else
+  return splat<F>(1.0f) / x;
+#endif
+}
+
+// The modifiers with the choices fixed at compile time (kCap: a softcap, kAlibi: an ALiBi bias, kMask: the
+// input may hold -inf, which must stay -inf), so the per-vector loops carry no branches.
+template <typename F, bool kCap, bool kAlibi, bool kMask>
+FA_CPU_INLINE F score_mod_k(F y, float inv_cap, float cap_mul, float a, float dstart, float step, F* g) {
+  if constexpr (!kCap) {  // -inf minus a finite bias stays -inf, no select needed
+    if (g) *g = splat<F>(1.0f);
+    return kAlibi ? y - a * alibi_dist<F>(dstart, step) : y;
+  } else {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    int_of<F> masked{};
+    if constexpr (kMask) masked = y == splat<F>(ninf);
+    // tanh(u) = 1 - 2 / (1 + e^(2u)), u = y / cap: it saturates to -1 and +1 by itself (e^(2u) -> 0, or the
+    // exp2's clamp at 2^127), so no sign or absolute-value steps. Its absolute error near u = 0 is that of
+    // 1 - r (~6e-8), the order of the fp32 rounding of the capped score itself.
+    const F r = recip(splat<F>(1.0f) + exp2(y * (2.0f * 1.4426950408889634f * inv_cap)));
+    if (g) *g = (r * 4.0f) * (splat<F>(1.0f) - r);  // 1 - tanh^2 = 4 r (1 - r)
+    y = cap_mul - (2.0f * cap_mul) * r;
+    if constexpr (kAlibi) y -= a * alibi_dist<F>(dstart, step);
+    if constexpr (kMask) y = masked ? splat<F>(ninf) : y;
+    return y;
   }
-  const float ninf = -std::numeric_limits<float>::infinity();
-  const i16 masked = y == splat(ninf);
-  if (inv_cap > 0.0f) {
-    const f16 u = y * inv_cap;
-    const f16 au = u < splat(0.0f) ? -u : u;
-    const f16 e = exp2(au * (-2.0f * 1.4426950408889634f));  // in (0, 1]
-    const f16 th = (splat(1.0f) - e) / (splat(1.0f) + e);
-    const f16 t = u < splat(0.0f) ? -th : th;
-    if (g) *g = splat(1.0f) - t * t;
-    y = t * cap_mul;
-  }
-  if (a != 0.0f) y -= a * alibi_dist(dstart, step);
-  return masked ? splat(ninf) : y;
 }
 }  // namespace vec
 
-// One line of a tile through vec::score_mod (the backward's separate pass; the forward fuses the same
+// One line of a tile through vec::score_mod_k (the backward's separate pass; the forward fuses the same
 // arithmetic into its softmax step).
-FA_CPU_CLONES static void mod_row_f32(float* x, int64_t n, float inv_cap, float cap_mul, float a, float d0,
-                                      float step, float* dmod) {
-  for (int64_t c = 0; c < n; c += vec::kW) {
-    const int64_t w = n - c < vec::kW ? n - c : vec::kW;
-    vec::f16 g;
-    const vec::f16 y0 = w == vec::kW ? vec::load(x + c) : vec::load_part(x + c, w, 0.0f);
-    const vec::f16 y = vec::score_mod(y0, inv_cap, cap_mul, a, d0 + step * static_cast<float>(c), step,
-                                      dmod ? &g : nullptr);
-    if (w == vec::kW) {
+template <typename F, bool kCap, bool kAlibi>
+FA_CPU_INLINE void mod_row_k(float* x, int64_t n, float inv_cap, float cap_mul, float a, float d0, float step,
+                             float* dmod) {
+  constexpr int W = vec::width<F>;
+  for (int64_t c = 0; c < n; c += W) {
+    const int64_t w = n - c < W ? n - c : W;
+    F g;
+    const F y0 = w == W ? vec::load<F>(x + c) : vec::load_part<F>(x + c, w, 0.0f);
+    const F y = vec::score_mod_k<F, kCap, kAlibi, true>(y0, inv_cap, cap_mul, a, d0 + step * static_cast<float>(c),
+                                                         step, dmod ? &g : nullptr);
+    if (w == W) {
       vec::store(x + c, y);
       if (dmod) vec::store(dmod + c, g);
     } else {
@@ -297,6 +435,24 @@ FA_CPU_CLONES static void mod_row_f32(float* x, int64_t n, float inv_cap, float 
     }
   }
 }
+template <typename F>
+FA_CPU_INLINE void mod_row_f32_body(float* x, int64_t n, float inv_cap, float cap_mul, float a, float d0,
+                                    float step, float* dmod) {
+  if (inv_cap > 0.0f) {
+    if (a != 0.0f)
+      mod_row_k<F, true, true>(x, n, inv_cap, cap_mul, a, d0, step, dmod);
+    else
+      mod_row_k<F, true, false>(x, n, inv_cap, cap_mul, a, d0, step, dmod);
+  } else {
+    if (a != 0.0f)
+      mod_row_k<F, false, true>(x, n, inv_cap, cap_mul, a, d0, step, dmod);
+    else
+      mod_row_k<F, false, false>(x, n, inv_cap, cap_mul, a, d0, step, dmod);
+  }
+}
+FA_CPU_BY_WIDTH(void, mod_row_f32,
+                (float* x, int64_t n, float inv_cap, float cap_mul, float a, float d0, float step, float* dmod),
+                (x, n, inv_cap, cap_mul, a, d0, step, dmod))
 
 inline void mod_row(float* x, int64_t n, double inv_cap, double cap_mul, double a, double d0, double step,
                     float* dmod) {
@@ -354,52 +510,87 @@ void score_mod_tile(const ScoreMod& mod, int64_t q0, int64_t qn, int64_t k0, int
 // NaN).
 
 // With a score modifier (fwd.cpp passes `mod` for tiles of a ScoreMod-active call), the first pass over
-// each row applies vec::score_mod in registers and stores the result before the second pass reads it,
+// each row applies vec::score_mod_k in registers and stores the result before the second pass reads it,
 // instead of a separate pass over the tile: one read and one write of the tile less.
 struct RowMod {
   float inv_cap = 0.0f, cap_mul = 0.0f, a = 0.0f;
-  float d0 = 0.0f;  // distance i + offset - j at row 0, column 0; +1 per row, -1 per column
+  float d0 = 0.0f;      // distance i + offset - j at row 0, column 0; +1 per row, -1 per column
+  bool masked = true;   // the tile may hold masked (-inf) scores
 };
 
-FA_CPU_CLONES static void softmax_step_f32(float* s, int64_t rows, int64_t cols, int64_t ld, float* m,
-                                           float* l, float* alpha, const RowMod* mod) {
+// The first pass over a row with modifiers: y = mod(s) stored back, returns the running max vector. Two
+// vectors per step: the softcap's chain (exp2, reciprocal) is long, and two independent ones keep the
+// pipes busy.
+template <typename F, bool kCap, bool kAlibi, bool kMask>
+FA_CPU_INLINE F mod_max_row(float* row, int64_t cols, const RowMod& md, float dr) {
+  constexpr int W = vec::width<F>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t cv = cols - cols % vec::kW;
+  const int64_t cv = cols - cols % W;
+  F vm0 = vec::splat<F>(kNegInf), vm1 = vm0;
+  int64_t c = 0;
+  for (; c + 2 * W <= cv; c += 2 * W) {
+    const F y0 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c), md.inv_cap, md.cap_mul, md.a,
+                                                          dr - static_cast<float>(c), -1.0f, nullptr);
+    const F y1 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c + W), md.inv_cap, md.cap_mul, md.a,
+                                                          dr - static_cast<float>(c + W), -1.0f, nullptr);
+    vec::store(row + c, y0);
+    vec::store(row + c + W, y1);
+    vm0 = vec::vmax(vm0, y0);
+    vm1 = vec::vmax(vm1, y1);
+  }
+  for (; c < cv; c += W) {
+    const F y = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c), md.inv_cap, md.cap_mul, md.a,
+                                                         dr - static_cast<float>(c), -1.0f, nullptr);
+    vec::store(row + c, y);
+    vm0 = vec::vmax(vm0, y);
+  }
+  if (cv < cols) {  // the missing lanes read as -inf and must stay -inf: kMask
+    const F y = vec::score_mod_k<F, kCap, kAlibi, true>(vec::load_part<F>(row + cv, cols - cv, kNegInf), md.inv_cap,
+                                                        md.cap_mul, md.a, dr - static_cast<float>(cv), -1.0f, nullptr);
+    vec::store_part(row + cv, y, cols - cv);
+    vm0 = vec::vmax(vm0, y);
+  }
+  return vec::vmax(vm0, vm1);
+}
+
+template <typename F>
+FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l,
+                                         float* alpha, const RowMod* mod) {
+  constexpr int W = vec::width<F>;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t cv = cols - cols % W;
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
-    vec::f16 vm = vec::splat(kNegInf);
+    F vm = vec::splat<F>(kNegInf);
     if (mod) {
-      const float dr = mod->d0 + static_cast<float>(r);
-      for (int64_t c = 0; c < cv; c += vec::kW) {
-        const vec::f16 y = vec::score_mod(vec::load(row + c), mod->inv_cap, mod->cap_mul, mod->a,
-                                          dr - static_cast<float>(c), -1.0f, nullptr);
-        vec::store(row + c, y);
-        vm = vec::vmax(vm, y);
-      }
-      if (cv < cols) {
-        const vec::f16 y = vec::score_mod(vec::load_part(row + cv, cols - cv, kNegInf), mod->inv_cap,
-                                          mod->cap_mul, mod->a, dr - static_cast<float>(cv), -1.0f, nullptr);
-        vec::store_part(row + cv, y, cols - cv);
-        vm = vec::vmax(vm, y);
+      const RowMod md = *mod;  // a local copy: stores to the row cannot alias it, so nothing is reloaded
+      const float dr = md.d0 + static_cast<float>(r);
+      switch ((md.inv_cap > 0.0f ? 4 : 0) | (md.a != 0.0f ? 2 : 0) | (md.masked ? 1 : 0)) {
+        case 7: vm = mod_max_row<F, true, true, true>(row, cols, md, dr); break;
+        case 6: vm = mod_max_row<F, true, true, false>(row, cols, md, dr); break;
+        case 5: vm = mod_max_row<F, true, false, true>(row, cols, md, dr); break;
+        case 4: vm = mod_max_row<F, true, false, false>(row, cols, md, dr); break;
+        case 3: case 2: vm = mod_max_row<F, false, true, false>(row, cols, md, dr); break;
+        default: vm = mod_max_row<F, false, false, false>(row, cols, md, dr); break;
       }
     } else {
-      for (int64_t c = 0; c < cv; c += vec::kW) vm = vec::vmax(vm, vec::load(row + c));
-      if (cv < cols) vm = vec::vmax(vm, vec::load_part(row + cv, cols - cv, kNegInf));
+      for (int64_t c = 0; c < cv; c += W) vm = vec::vmax(vm, vec::load<F>(row + c));
+      if (cv < cols) vm = vec::vmax(vm, vec::load_part<F>(row + cv, cols - cv, kNegInf));
     }
     const float tile_max = vec::hmax(vm);
     const float m_old = m[r];
     const float m_new = tile_max > m_old ? tile_max : m_old;
     const float m_use = m_new == kNegInf ? 0.0f : m_new;
     alpha[r] = m_old == m_new ? 1.0f : std::exp2(m_old - m_use);
-    const vec::f16 vsub = vec::splat(m_use);
-    vec::f16 vs = vec::splat(0.0f);
-    for (int64_t c = 0; c < cv; c += vec::kW) {
-      const vec::f16 e = vec::exp2(vec::load(row + c) - vsub);
+    const F vsub = vec::splat<F>(m_use);
+    F vs = vec::splat<F>(0.0f);
+    for (int64_t c = 0; c < cv; c += W) {
+      const F e = vec::exp2(vec::load<F>(row + c) - vsub);
       vec::store(row + c, e);
       vs += e;
     }
     if (cv < cols) {
-      const vec::f16 e = vec::exp2(vec::load_part(row + cv, cols - cv, kNegInf) - vsub);
+      const F e = vec::exp2(vec::load_part<F>(row + cv, cols - cv, kNegInf) - vsub);
       vec::store_part(row + cv, e, cols - cv);
       vs += e;
     }
@@ -407,6 +598,10 @@ FA_CPU_CLONES static void softmax_step_f32(float* s, int64_t rows, int64_t cols,
     m[r] = m_new;
   }
 }
+FA_CPU_BY_WIDTH(void, softmax_step_f32,
+                (float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l, float* alpha,
+                 const RowMod* mod),
+                (s, rows, cols, ld, m, l, alpha, mod))
 
 inline void softmax_step(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l, float* alpha,
                          const RowMod* mod = nullptr) {
@@ -442,31 +637,66 @@ inline void softmax_step(double* s, int64_t rows, int64_t cols, int64_t ld, doub
 // Fused (the dP^T GEMM now runs before it) so dS uses P from registers instead of re-reading the 32 KiB
 // P tile that the dP^T GEMM had pushed out of L1; measured together with the tile-blocked layout.
 
-FA_CPU_CLONES static void probs_dsoft_f32(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld,
-                                          const float* lse_adj, const float* delta, float scale) {
-  const int64_t cv = cols - cols % vec::kW;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* srow = s + r * ld;
-    float* drow = dp + r * ld;
-    for (int64_t c = 0; c < cv; c += vec::kW) {
-      const vec::f16 pr = vec::exp2(vec::load(srow + c) - vec::load(lse_adj + c));
+// With modifiers (mod non-null, fp32): s holds the raw scores and each one goes through vec::score_mod_k in
+// registers first, and dS picks up the cap's chain-rule factor 1 - tanh^2 there too, instead of a separate
+// modifier pass that stored the tile and a 1 - tanh^2 tile and a third pass multiplying it in. Distances for
+// ALiBi on this transposed tile: mod->d0 at (0, 0), -1 per row (key), +1 per column (query).
+template <typename F, bool kCap, bool kAlibi, bool kMask>
+FA_CPU_INLINE void probs_dsoft_row(float* srow, float* drow, int64_t cols, const float* lse_adj, const float* delta,
+                                   float scale, const RowMod& md, float dline) {
+  constexpr int W = vec::width<F>;
+  constexpr bool kMod = kCap || kAlibi;
+  const int64_t cv = cols - cols % W;
+  for (int64_t c = 0; c <= cv; c += W) {
+    const int64_t n = c < cv ? W : cols - cv;
+    if (n == 0) break;
+    F y = n == W ? vec::load<F>(srow + c) : vec::load_part<F>(srow + c, n, 0.0f);
+    F g;
+    if constexpr (kMod)
+      y = vec::score_mod_k<F, kCap, kAlibi, kMask>(y, md.inv_cap, md.cap_mul, md.a, dline + static_cast<float>(c),
+                                                   1.0f, kCap ? &g : nullptr);
+    const F lse = n == W ? vec::load<F>(lse_adj + c) : vec::load_part<F>(lse_adj + c, n, 0.0f);
+    const F dlt = n == W ? vec::load<F>(delta + c) : vec::load_part<F>(delta + c, n, 0.0f);
+    const F dpv = n == W ? vec::load<F>(drow + c) : vec::load_part<F>(drow + c, n, 0.0f);
+    const F pr = vec::exp2(y - lse);
+    F ds = (pr * scale) * (dpv - dlt);
+    if constexpr (kCap) ds *= g;
+    if (n == W) {
       vec::store(srow + c, pr);
-      vec::store(drow + c, (pr * scale) * (vec::load(drow + c) - vec::load(delta + c)));
-    }
-    if (cv < cols) {
-      const int64_t n = cols - cv;
-      const vec::f16 x = vec::load_part(srow + cv, n, 0.0f) - vec::load_part(lse_adj + cv, n, 0.0f);
-      const vec::f16 pr = vec::exp2(x);
-      vec::store_part(srow + cv, pr, n);
-      const vec::f16 g = vec::load_part(drow + cv, n, 0.0f) - vec::load_part(delta + cv, n, 0.0f);
-      vec::store_part(drow + cv, (pr * scale) * g, n);
+      vec::store(drow + c, ds);
+    } else {
+      vec::store_part(srow + c, pr, n);
+      vec::store_part(drow + c, ds, n);
     }
   }
 }
+template <typename F>
+FA_CPU_INLINE void probs_dsoft_f32_body(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld,
+                                        const float* lse_adj, const float* delta, float scale, const RowMod* mod) {
+  const RowMod md = mod ? *mod : RowMod{};
+  const int kind = mod ? (md.inv_cap > 0.0f ? 4 : 0) | (md.a != 0.0f ? 2 : 0) | (md.masked ? 1 : 0) : 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* srow = s + r * ld;
+    float* drow = dp + r * ld;
+    const float dl = md.d0 - static_cast<float>(r);
+    switch (kind) {
+      case 7: probs_dsoft_row<F, true, true, true>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+      case 6: probs_dsoft_row<F, true, true, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+      case 5: probs_dsoft_row<F, true, false, true>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+      case 4: probs_dsoft_row<F, true, false, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+      case 3: case 2: probs_dsoft_row<F, false, true, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+      default: probs_dsoft_row<F, false, false, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+    }
+  }
+}
+FA_CPU_BY_WIDTH(void, probs_dsoft_f32,
+                (float* s, float* dp, int64_t rows, int64_t cols, int64_t ld, const float* lse_adj,
+                 const float* delta, float scale, const RowMod* mod),
+                (s, dp, rows, cols, ld, lse_adj, delta, scale, mod))
 
 inline void probs_dsoft(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld, const float* lse_adj,
-                        const float* delta, float scale) {
-  probs_dsoft_f32(s, dp, rows, cols, ld, lse_adj, delta, scale);
+                        const float* delta, float scale, const RowMod* mod = nullptr) {
+  probs_dsoft_f32(s, dp, rows, cols, ld, lse_adj, delta, scale, mod);
 }
 inline void probs_dsoft(double* s, double* dp, int64_t rows, int64_t cols, int64_t ld, const double* lse_adj,
                         const double* delta, double scale) {
@@ -541,20 +771,25 @@ inline void transpose_scaled(const float* src, int64_t ld_src, int64_t rows, int
 }
 
 // out[i] = sum_c a[i][c] * b[i][c] for n rows of length d (strides lda, ldb): the backward's delta.
-// 16-lane partial sums; the scalar loop this replaces was one serial add chain per row.
-FA_CPU_CLONES static void row_dots_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n,
-                                       int64_t d, float* out) {
-  const int64_t dv = d - d % vec::kW;
+// Partial sums per lane; the scalar loop this replaces was one serial add chain per row.
+template <typename F>
+FA_CPU_INLINE void row_dots_f32_body(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n,
+                                     int64_t d, float* out) {
+  constexpr int W = vec::width<F>;
+  const int64_t dv = d - d % W;
   for (int64_t i = 0; i < n; ++i) {
     const float* ai = a + i * lda;
     const float* bi = b + i * ldb;
-    vec::f16 acc = vec::splat(0.0f);
-    for (int64_t c = 0; c < dv; c += vec::kW) acc += vec::load(ai + c) * vec::load(bi + c);
+    F acc = vec::splat<F>(0.0f);
+    for (int64_t c = 0; c < dv; c += W) acc += vec::load<F>(ai + c) * vec::load<F>(bi + c);
     float sum = vec::hsum(acc);
     for (int64_t c = dv; c < d; ++c) sum += ai[c] * bi[c];
     out[i] = sum;
   }
 }
+FA_CPU_BY_WIDTH(void, row_dots_f32,
+                (const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d, float* out),
+                (a, lda, b, ldb, n, d, out))
 
 inline void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d,
                      float* out) {
