@@ -275,17 +275,19 @@ def check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
     sc = check_scale(scale, q.shape[3])
     cap, alibi = check_mods(softcap, alibi_slopes, b, hq, q.device)
     # Values (one read-back on a GPU): every write must land inside the cache.
-    lens = cache_seqlens.cpu()
-    if b and int(lens.min()) < 0:
-        i = int(torch.argmin(lens))
-        raise ValueError(f"cache_seqlens: expected entries >= 0, got {int(lens[i])} for sequence {i}")
-    if b and int(lens.max()) + s_new > capacity:
-        i = int(torch.argmax(lens))
-        raise ValueError(f"cache_seqlens: sequence {i} holds {int(lens[i])} tokens; with {s_new} new ones that "
+    vals = cache_seqlens.tolist()  # a Python list: two torch reductions here cost 4 us of a ~25 us decode call
+    lo, hi = (min(vals), max(vals)) if b else (0, 0)
+    if lo < 0:
+        i = vals.index(lo)
+        raise ValueError(f"cache_seqlens: expected entries >= 0, got {lo} for sequence {i}")
+    if hi + s_new > capacity:
+        i = vals.index(hi)
+        raise ValueError(f"cache_seqlens: sequence {i} holds {hi} tokens; with {s_new} new ones that "
                          f"is past the cache's capacity of {capacity} "
                          f"({'max_pages * page_size' if paged else 'S_max'})")
     if paged and b:
         page_size = k_cache.shape[1]
+        lens = torch.tensor(vals, dtype=torch.int64)
         used = (lens + s_new + page_size - 1) // page_size  # pages in use per sequence
         cols = torch.arange(block_table.shape[1])
         bt = block_table.cpu()
