@@ -193,20 +193,15 @@ constexpr int width = static_cast<int>(sizeof(F) / sizeof(float));
 template <typename F>
 using int_of = typename Lanes<width<F>>::I;
 
-// The 16-lane type, for the helpers that stay on 16x16 blocks (transposes, row dots; target_clones).
-typedef Lanes<16>::F f16;
-typedef Lanes<16>::I i16;
-constexpr int kW = 16;
-
-template <typename F = f16>
+template <typename F>
 FA_CPU_INLINE F splat(float x) {
   return F{} + x;
 }
-template <typename F = f16>
+template <typename F>
 FA_CPU_INLINE int_of<F> splat_i(int32_t x) {
   return int_of<F>{} + x;
 }
-template <typename F = f16>
+template <typename F>
 FA_CPU_INLINE F load(const float* p) {
   F v;
   std::memcpy(&v, p, sizeof(v));
@@ -709,61 +704,100 @@ inline void probs_dsoft(double* s, double* dp, int64_t rows, int64_t cols, int64
 }
 
 // ---------------------------------------------------------------------------------------------------
-// fp32 transposes and row dots for the pre/post passes. The scalar 16x16-block transpose above cost ~3% of
-// the backward (perf, one thread, B1 H8 S2048 D64: Q, dO, K in and dQ out, 4M elements per call); here a
-// full 16x16 block is transposed in registers by four butterfly stages of two-source shuffles.
+// fp32 transposes and row dots for the pre/post passes. The scalar 16x16-block transpose this replaced cost ~3%
+// of the backward (perf, one thread, B1 H8 S2048 D64: Q, dO, K in and dQ out, 4M elements per call); here a
+// full W x W block (W = the vector width) is transposed in registers by log2(W) butterfly stages of
+// two-source shuffles. (At 16 lanes on AVX2 the same code went partly through the stack: 3.9% of the
+// forward for 1M elements against 8.6% for the softmax step's 33M scores.)
 
 namespace vec {
 // Stage with stride s on rows a (bit s clear) and b = a + s: elements whose column bit s differs from the
-// row bit s swap places, so after s = 1, 2, 4, 8 element (r, c) sits at (c, r).
-FA_CPU_INLINE void bfly(f16& a, f16& b, int s) {
-  f16 x, y;
-  switch (s) {
-    case 1:
-      x = __builtin_shuffle(a, b, i16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30});
-      y = __builtin_shuffle(a, b, i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
-      break;
-    case 2:
-      x = __builtin_shuffle(a, b, i16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29});
-      y = __builtin_shuffle(a, b, i16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
-      break;
-    case 4:
-      x = __builtin_shuffle(a, b, i16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27});
-      y = __builtin_shuffle(a, b, i16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-      break;
-    default:
-      x = __builtin_shuffle(a, b, i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
-      y = __builtin_shuffle(a, b, i16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
-      break;
+// row bit s swap places, so after s = 1, 2, ..., W / 2 element (r, c) sits at (c, r). Masks: lane i of x is
+// a[i] where bit s of i is clear, else b[i - s]; lane i of y is a[i + s] where it is clear, else b[i].
+template <typename F>
+FA_CPU_INLINE void bfly(F& a, F& b, int s) {
+  using I = int_of<F>;
+  F x, y;
+  if constexpr (width<F> == 16) {
+    switch (s) {
+      case 1:
+        x = __builtin_shuffle(a, b, I{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30});
+        y = __builtin_shuffle(a, b, I{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+        break;
+      case 2:
+        x = __builtin_shuffle(a, b, I{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29});
+        y = __builtin_shuffle(a, b, I{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+        break;
+      case 4:
+        x = __builtin_shuffle(a, b, I{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27});
+        y = __builtin_shuffle(a, b, I{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+        break;
+      default:
+        x = __builtin_shuffle(a, b, I{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
+        y = __builtin_shuffle(a, b, I{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+        break;
+    }
+  } else if constexpr (width<F> == 8) {
+    switch (s) {
+      case 1:
+        x = __builtin_shuffle(a, b, I{0, 8, 2, 10, 4, 12, 6, 14});
+        y = __builtin_shuffle(a, b, I{1, 9, 3, 11, 5, 13, 7, 15});
+        break;
+      case 2:
+        x = __builtin_shuffle(a, b, I{0, 1, 8, 9, 4, 5, 12, 13});
+        y = __builtin_shuffle(a, b, I{2, 3, 10, 11, 6, 7, 14, 15});
+        break;
+      default:
+        x = __builtin_shuffle(a, b, I{0, 1, 2, 3, 8, 9, 10, 11});
+        y = __builtin_shuffle(a, b, I{4, 5, 6, 7, 12, 13, 14, 15});
+        break;
+    }
+  } else {
+    if (s == 1) {
+      x = __builtin_shuffle(a, b, I{0, 4, 2, 6});
+      y = __builtin_shuffle(a, b, I{1, 5, 3, 7});
+    } else {
+      x = __builtin_shuffle(a, b, I{0, 1, 4, 5});
+      y = __builtin_shuffle(a, b, I{2, 3, 6, 7});
+    }
   }
   a = x;
   b = y;
 }
 }  // namespace vec
 
-FA_CPU_CLONES static void transpose_scaled_f32(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
-                                               float* dst, int64_t ld_dst, float scale, bool accumulate) {
-  constexpr int64_t kB = vec::kW;
+template <typename F>
+FA_CPU_INLINE void transpose_scaled_f32_body(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                                             float* dst, int64_t ld_dst, float scale, bool accumulate) {
+  constexpr int kB = vec::width<F>;
   const int64_t rv = rows - rows % kB, cv = cols - cols % kB;
   for (int64_t r0 = 0; r0 < rv; r0 += kB)
     for (int64_t c0 = 0; c0 < cv; c0 += kB) {
-      vec::f16 t[kB];
-      for (int64_t i = 0; i < kB; ++i) t[i] = vec::load(src + (r0 + i) * ld_src + c0) * scale;
+      F t[kB];
+#pragma GCC unroll 16
+      for (int i = 0; i < kB; ++i) t[i] = vec::load<F>(src + (r0 + i) * ld_src + c0) * scale;
+#pragma GCC unroll 4
       for (int s = 1; s < kB; s *= 2)
-        for (int64_t i = 0; i < kB; ++i)
+#pragma GCC unroll 16
+        for (int i = 0; i < kB; ++i)
           if (!(i & s)) vec::bfly(t[i], t[i + s], s);
-      for (int64_t i = 0; i < kB; ++i) {
+#pragma GCC unroll 16
+      for (int i = 0; i < kB; ++i) {
         float* out = dst + (c0 + i) * ld_dst + r0;
-        vec::store(out, accumulate ? vec::load(out) + t[i] : t[i]);
+        vec::store(out, accumulate ? vec::load<F>(out) + t[i] : t[i]);
       }
     }
-  // Edges (rows or cols not a multiple of 16): element by element.
+  // Edges (rows or cols not a multiple of the width): element by element.
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = r < rv ? cv : 0; c < cols; ++c) {
       float& out = dst[c * ld_dst + r];
       out = accumulate ? out + scale * src[r * ld_src + c] : scale * src[r * ld_src + c];
     }
 }
+FA_CPU_BY_WIDTH(void, transpose_scaled_f32,
+                (const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst,
+                 float scale, bool accumulate),
+                (src, ld_src, rows, cols, dst, ld_dst, scale, accumulate))
 
 inline void transpose_scaled(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
                              int64_t ld_dst, float scale, bool accumulate = false) {
