@@ -24,8 +24,10 @@ note() { echo "$*" | tee -a "$summary"; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # a carried, prebuilt extension works without pip
 # left S: seconds until DEADLINE minus a margin (a large number without DEADLINE)
 left() { if [ -n "${DEADLINE:-}" ]; then echo $(( DEADLINE - $(date +%s) - ${1:-15} )); else echo 100000; fi; }
+# (+ test_cpu_isa.py: where the GPU host has AVX-512, the CPU kernels' 16-lane entry points run there; the dev
+# machines and CI have AVX2 only)
 GPU_TESTS="tests/test_cuda.py tests/test_sm90.py tests/test_linear_cuda.py tests/test_compile.py tests/test_errors.py
-  tests/test_gradients.py tests/test_linear_errors.py"
+  tests/test_gradients.py tests/test_linear_errors.py tests/test_cpu_isa.py"
 XDIST=
 $PY -c 'import xdist' 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"
 
@@ -44,6 +46,7 @@ for stage in $STAGES; do
       note "build: rc=$rc in $(( $(date +%s) - t0 )) s; spill/warning lines: $(wc -l < "$OUT/build_warnings.txt")"
       [ $rc -eq 0 ] || { tail -50 "$OUT/build.log"; exit 1; }
       $PY -c 'import fused_attn; print(fused_attn.build_info())' | tee -a "$summary"
+      note "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cores, AVX-512: $(grep -q avx512f /proc/cpuinfo && echo yes || echo no)"
       so=$(ls fused_attn/_C.cpython-*.so | head -1)
       note "extension needs: $(readelf -d "$so" 2>/dev/null | grep -o 'NEEDED.*' | grep -o '\[.*\]' | tr '\n' ' ')"
       # in 15 MiB pieces (the device tool returns files of at most 16 MiB)
