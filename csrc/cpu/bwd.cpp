@@ -150,9 +150,10 @@ void bwd_impl(const AttnParams& p) {
 
   // Tasks: t = (b * hk + kvh) * nchunk + c; cost = query tiles visited.
   const int64_t ntasks = nb * hk * nchunk;
-  std::vector<int64_t> cost(ntasks, 0);
+  std::vector<int64_t> cost(ntasks, 0), group(ntasks);
   for (int64_t t = 0; t < ntasks; ++t) {
     const int64_t c = t % nchunk, b = t / nchunk / hk, kvh = (t / nchunk) % hk;
+    group[t] = b;
     for (int64_t kti = c; kti < nkt[b]; kti += nchunk)
       for (int64_t hh = 0; hh < grp; ++hh) cost[t] += QueryTiles(p, b, kvh * grp + hh, kti, tq, tk).count();
   }
@@ -237,7 +238,7 @@ void bwd_impl(const AttnParams& p) {
     }
   };
 
-  cpu::run_tasks(cost, make, body);
+  cpu::run_tasks(cost, make, body, &group);  // sequence by sequence (tile_math.h)
 
   // dQ = sum over chunks (in chunk order) of dQ^T, transposed back into dq's strides. Chunks that own no
   // key tile of sequence b (c >= nkt[b]) never zeroed its blocks: they are skipped.

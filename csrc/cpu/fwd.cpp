@@ -76,12 +76,13 @@ void fwd_impl(const AttnParams& p) {
     int64_t b, h, qt;
   };
   std::vector<Task> tasks;
-  std::vector<int64_t> cost;
+  std::vector<int64_t> cost, group;
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t h = 0; h < hq; ++h)
       for (int64_t qt = 0; qt < cdiv(seqs[b].sq, tq); ++qt) {
         tasks.push_back({b, h, qt});
         cost.push_back(KeyTiles(p, b, h, qt, tq, tk).count());
+        group.push_back(b);
       }
 
   auto make = [&] {
@@ -166,7 +167,7 @@ void fwd_impl(const AttnParams& p) {
     }
   };
 
-  cpu::run_tasks(cost, make, body);
+  cpu::run_tasks(cost, make, body, &group);  // sequence by sequence (tile_math.h)
 }
 
 }  // namespace

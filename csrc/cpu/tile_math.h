@@ -53,13 +53,21 @@ namespace cpu {
 // So each thread pulls the next task from a shared counter, most expensive first. Every task writes
 // only its own outputs in a fixed order, so results do not depend on which thread ran what.
 // make() builds one thread's scratch; body(scratch, task) runs one task.
+// group (optional, one entry per task; tasks of one sequence share one): tasks run group by group, most
+// expensive first within a group. Interleaving the tasks of every sequence (longest first over the whole
+// batch) made a packed batch's working set all of its K and V (134 MB for 32k tokens, H 8, D 64 in fp32)
+// instead of one sequence's: 23% slower than calling flash() on each sequence (AVX2 EPYC, L3 32 MB). The
+// dynamic pull keeps both threads busy across group boundaries, and the last group's shortest tasks end it.
 template <typename Make, typename Body>
-void run_tasks(const std::vector<int64_t>& cost, Make make, Body body) {
+void run_tasks(const std::vector<int64_t>& cost, Make make, Body body, const std::vector<int64_t>* group = nullptr) {
   const int64_t n = static_cast<int64_t>(cost.size());
   if (n == 0) return;
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    if (group && (*group)[a] != (*group)[b]) return (*group)[a] < (*group)[b];
+    return cost[a] > cost[b];
+  });
   std::atomic<int64_t> next{0};
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
