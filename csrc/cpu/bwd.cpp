@@ -206,9 +206,7 @@ void bwd_impl(const AttnParams& p) {
           cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + qo, tq, dpt, tq, false);
           if constexpr (std::is_same_v<T, float>) {
             // fp32: the modifiers and the cap's chain rule run inside the P / dS pass (tile_math.h)
-            const cpu::RowMod rm{mod.cap > 0 ? static_cast<float>(mod.inv_cap) : 0.0f,
-                                 static_cast<float>(kLog2e * mod.cap), static_cast<float>(kLog2e * mod.slope),
-                                 static_cast<float>(q0 + mod.offset - k0), masked};
+            const cpu::RowMod rm = cpu::RowMod::of(mod, q0, k0, masked);
             cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale,
                              mod.active() ? &rm : nullptr);
           } else {

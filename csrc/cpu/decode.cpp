@@ -58,9 +58,9 @@ constexpr int64_t kMinSplitKeys = 512;
 constexpr int64_t kWorkspaceBudget = int64_t(64) << 20;
 
 // ---------------------------------------------------------------------------------------------------
-// 32-byte vectors: 8 floats or 4 doubles, one ymm register on AVX2 / AVX-512 machines (the target_clones of
-// tile_math.h), two xmm on baseline x86-64. (tile_math.h's 64-byte vectors are one zmm on AVX-512, but GCC 12
-// lowers their conditionals (max, select) to scalar code on AVX2; 32 bytes keep every op a vector op there.)
+// 32-byte vectors for the score and output products: 8 floats or 4 doubles, one ymm register on AVX2 /
+// AVX-512 machines (target_clones), two xmm on baseline x86-64. The softmax step is tile_math.h's, at each
+// ISA's own width.
 namespace dv {
 typedef float f8 __attribute__((vector_size(32)));
 typedef double d4 __attribute__((vector_size(32)));
@@ -211,19 +211,6 @@ FA_CPU_INLINE f8 reduce8(const f8 (&a)[8]) {
   return pairs(quarters(b0, b2), quarters(b1, b3));
 }
 
-FA_CPU_INLINE float hmax(f8 v) {
-  v = v > __builtin_shuffle(v, i8{4, 5, 6, 7, 0, 1, 2, 3}) ? v : __builtin_shuffle(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
-  v = v > __builtin_shuffle(v, i8{2, 3, 0, 1, 6, 7, 4, 5}) ? v : __builtin_shuffle(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
-  return v[0] > v[1] ? v[0] : v[1];
-}
-FA_CPU_INLINE float hsum(f8 v) {
-  v += __builtin_shuffle(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
-  v += __builtin_shuffle(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
-  return v[0] + v[1];
-}
-
-// 2^x at 8 lanes: tile_math.h's polynomial (exactly 0 below -125, also -inf and NaN: masked scores give P = 0).
-FA_CPU_INLINE f8 exp2(f8 x) { return cpu::vec::exp2_lanes<f8, i8>(x); }
 }  // namespace dv
 
 // ---------------------------------------------------------------------------------------------------
@@ -383,44 +370,6 @@ FA_CPU_INLINE void pv_tile(const C* pr, int64_t rows, int64_t ldp, const C* alph
     case 1: pv_rows<1, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n); break;
     default: break;
   }
-}
-
-// One online-softmax step on a score tile (rows x cols, ld; base 2, masked to -inf), as tile_math.h's
-// softmax_step but on 8-lane vectors (see the note at dv): m_new = max(m, rowmax); s <- 2^(s - m_new);
-// l <- alpha l + rowsum with alpha = 2^(m - m_new). A row whose max is still -inf uses 0 in its place.
-FA_CPU_CLONES void softmax_rows(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l, float* alpha) {
-  constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
-  const int64_t cv = cols - cols % 8;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ld;
-    // columns past cols read as -inf
-    float tail[8];
-    for (int i = 0; i < 8; ++i) tail[i] = cv + i < cols ? row[cv + i] : kNegInfF;
-    dv::f8 vm = dv::load(tail);
-    for (int64_t c = 0; c < cv; c += 8) {
-      const dv::f8 x = dv::load(row + c);
-      vm = vm > x ? vm : x;
-    }
-    const float tmax = dv::hmax(vm);
-    const float m_old = m[r];
-    const float m_new = tmax > m_old ? tmax : m_old;
-    const float m_use = m_new == kNegInfF ? 0.0f : m_new;
-    alpha[r] = m_old == m_new ? 1.0f : std::exp2(m_old - m_use);
-    const dv::f8 sub = dv::splat(m_use);
-    dv::f8 vs = dv::exp2(dv::load(tail) - sub);
-    dv::store(tail, vs);
-    for (int64_t c = cv; c < cols; ++c) row[c] = tail[c - cv];
-    for (int64_t c = 0; c < cv; c += 8) {
-      const dv::f8 e = dv::exp2(dv::load(row + c) - sub);
-      dv::store(row + c, e);
-      vs += e;
-    }
-    l[r] = l[r] * alpha[r] + dv::hsum(vs);
-    m[r] = m_new;
-  }
-}
-inline void softmax_rows(double* s, int64_t rows, int64_t cols, int64_t ld, double* m, double* l, double* alpha) {
-  cpu::softmax_step(s, rows, cols, ld, m, l, alpha);
 }
 
 // One compiled (and ISA-cloned) pair of tile functions per (cache dtype, compute type); the templates above
@@ -642,7 +591,7 @@ void kvcache_impl(const AttnParams& p) {
               cpu::score_mod_tile(ScoreMod(p, b, h, si), q0, qn, k0, kn, sh, kBlockK, false, static_cast<C*>(nullptr));
             if (need_mask) cpu::mask_tile(p, whole, b, h, q0, qn, k0, kn, sh, kBlockK, false);
           }
-        softmax_rows(s, hrows, kn, kBlockK, m + r0, l + r0, alpha + r0);
+        cpu::softmax_step(s, hrows, kn, kBlockK, m + r0, l + r0, alpha + r0);
         pv(s, hrows, kBlockK, alpha + r0, vr + hh * kbk, kn, d, acc + r0 * d, d,
            nn > 0 ? vr_next + hh * kbk : nullptr, nn);
       }

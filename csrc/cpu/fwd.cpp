@@ -129,9 +129,7 @@ void fwd_impl(const AttnParams& p) {
       if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
       if constexpr (std::is_same_v<T, float>) {
         if (mod.active()) {
-          const cpu::RowMod rm{mod.cap > 0 ? static_cast<float>(mod.inv_cap) : 0.0f,
-                               static_cast<float>(kLog2e * mod.cap), static_cast<float>(kLog2e * mod.slope),
-                               static_cast<float>(q0 + mod.offset - k0), masked};
+          const cpu::RowMod rm = cpu::RowMod::of(mod, q0, k0, masked);
           cpu::softmax_step(s, qn, kn, tk, m, l, alpha, &rm);
         } else {
           cpu::softmax_step(s, qn, kn, tk, m, l, alpha);

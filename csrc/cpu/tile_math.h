@@ -232,6 +232,21 @@ FA_CPU_INLINE void store_part(float* p, F v, int64_t n) {
   store(tmp, v);
   for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
 }
+// n lanes (n = W when kFull) from / to p; the missing lanes read as `fill`.
+template <typename F, bool kFull>
+FA_CPU_INLINE F load_n(const float* p, int64_t n, float fill) {
+  if constexpr (kFull)
+    return load<F>(p);
+  else
+    return load_part<F>(p, n, fill);
+}
+template <typename F, bool kFull>
+FA_CPU_INLINE void store_n(float* p, F v, int64_t n) {
+  if constexpr (kFull)
+    store(p, v);
+  else
+    store_part(p, v, n);
+}
 template <typename F>
 FA_CPU_INLINE F vmax(F a, F b) {
   return a > b ? a : b;
@@ -285,9 +300,9 @@ FA_CPU_INLINE float hsum(F v) {
 // f = x - n in [-0.5, 0.5], 2^f by a degree-6 polynomial (relative-error fit, 1e-7 max in fp32 with
 // rounding), and 2^n added straight into the exponent bits. ~15 vector ops per vector, against ~24 for a
 // natural-base Cephes exp with clamps.
-// Written once for any float vector F with its int32 twin I (decode.cpp uses 8 lanes).
-template <typename F, typename I>
-FA_CPU_INLINE F exp2_lanes(F x) {
+template <typename F>
+FA_CPU_INLINE F exp2(F x) {
+  using I = int_of<F>;
   const I keep = x >= (F{} + -125.0f);
   x = x < (F{} + 127.0f) ? x : (F{} + 127.0f);
   const F magic = F{} + 12582912.0f;
@@ -302,10 +317,6 @@ FA_CPU_INLINE F exp2_lanes(F x) {
   y = y * f + 1.0f;
   const I bits = (I)y + ((I)t << 23);
   return (F)(bits & keep);
-}
-template <typename F>
-FA_CPU_INLINE F exp2(F x) {
-  return exp2_lanes<F, int_of<F>>(x);
 }
 
 // The ISA level the width-dispatched kernels run at: 4 (x86-64-v4), 3 (x86-64-v3) or 1 (anything else),
@@ -419,24 +430,26 @@ FA_CPU_INLINE F score_mod_k(F y, float inv_cap, float cap_mul, float a, float ds
 
 // One line of a tile through vec::score_mod_k (the backward's separate pass; the forward fuses the same
 // arithmetic into its softmax step).
+template <typename F, bool kCap, bool kAlibi, bool kFull>
+FA_CPU_INLINE void mod_row_vec(float* x, int64_t n, float inv_cap, float cap_mul, float a, float dstart, float step,
+                               float* dmod) {
+  F g;
+  const F y = vec::score_mod_k<F, kCap, kAlibi, true>(vec::load_n<F, kFull>(x, n, 0.0f), inv_cap, cap_mul, a, dstart,
+                                                       step, dmod ? &g : nullptr);
+  vec::store_n<F, kFull>(x, y, n);
+  if (dmod) vec::store_n<F, kFull>(dmod, g, n);
+}
 template <typename F, bool kCap, bool kAlibi>
 FA_CPU_INLINE void mod_row_k(float* x, int64_t n, float inv_cap, float cap_mul, float a, float d0, float step,
                              float* dmod) {
   constexpr int W = vec::width<F>;
-  for (int64_t c = 0; c < n; c += W) {
-    const int64_t w = n - c < W ? n - c : W;
-    F g;
-    const F y0 = w == W ? vec::load<F>(x + c) : vec::load_part<F>(x + c, w, 0.0f);
-    const F y = vec::score_mod_k<F, kCap, kAlibi, true>(y0, inv_cap, cap_mul, a, d0 + step * static_cast<float>(c),
-                                                         step, dmod ? &g : nullptr);
-    if (w == W) {
-      vec::store(x + c, y);
-      if (dmod) vec::store(dmod + c, g);
-    } else {
-      vec::store_part(x + c, y, w);
-      if (dmod) vec::store_part(dmod + c, g, w);
-    }
-  }
+  const int64_t nv = n - n % W;
+  for (int64_t c = 0; c < nv; c += W)
+    mod_row_vec<F, kCap, kAlibi, true>(x + c, W, inv_cap, cap_mul, a, d0 + step * static_cast<float>(c), step,
+                                       dmod ? dmod + c : nullptr);
+  if (nv < n)
+    mod_row_vec<F, kCap, kAlibi, false>(x + nv, n - nv, inv_cap, cap_mul, a, d0 + step * static_cast<float>(nv), step,
+                                        dmod ? dmod + nv : nullptr);
 }
 template <typename F>
 FA_CPU_INLINE void mod_row_f32_body(float* x, int64_t n, float inv_cap, float cap_mul, float a, float d0,
@@ -519,6 +532,14 @@ struct RowMod {
   float inv_cap = 0.0f, cap_mul = 0.0f, a = 0.0f;
   float d0 = 0.0f;      // distance i + offset - j at row 0, column 0; +1 per row, -1 per column
   bool masked = true;   // the tile may hold masked (-inf) scores
+  // The tile's modifiers for a tile at query row q0, key k0 (base 2, as score_mod_tile).
+  static RowMod of(const ScoreMod& mod, int64_t q0, int64_t k0, bool masked) {
+    constexpr double kL2e = 1.4426950408889634074;
+    return RowMod{mod.cap > 0 ? static_cast<float>(mod.inv_cap) : 0.0f, static_cast<float>(kL2e * mod.cap),
+                  static_cast<float>(kL2e * mod.slope), static_cast<float>(q0 + mod.offset - k0), masked};
+  }
+  // Which instance of the modifier loops runs: 4 softcap | 2 ALiBi | 1 masked.
+  int kind() const { return (inv_cap > 0.0f ? 4 : 0) | (a != 0.0f ? 2 : 0) | (masked ? 1 : 0); }
 };
 
 // The first pass over a row with modifiers: y = mod(s) stored back, returns the running max vector. Two
@@ -568,7 +589,7 @@ FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, i
     if (mod) {
       const RowMod md = *mod;  // a local copy: stores to the row cannot alias it, so nothing is reloaded
       const float dr = md.d0 + static_cast<float>(r);
-      switch ((md.inv_cap > 0.0f ? 4 : 0) | (md.a != 0.0f ? 2 : 0) | (md.masked ? 1 : 0)) {
+      switch (md.kind()) {
         case 7: vm = mod_max_row<F, true, true, true>(row, cols, md, dr); break;
         case 6: vm = mod_max_row<F, true, true, false>(row, cols, md, dr); break;
         case 5: vm = mod_max_row<F, true, false, true>(row, cols, md, dr); break;
@@ -644,40 +665,36 @@ inline void softmax_step(double* s, int64_t rows, int64_t cols, int64_t ld, doub
 // registers first, and dS picks up the cap's chain-rule factor 1 - tanh^2 there too, instead of a separate
 // modifier pass that stored the tile and a 1 - tanh^2 tile and a third pass multiplying it in. Distances for
 // ALiBi on this transposed tile: mod->d0 at (0, 0), -1 per row (key), +1 per column (query).
+template <typename F, bool kCap, bool kAlibi, bool kMask, bool kFull>
+FA_CPU_INLINE void probs_dsoft_vec(float* srow, float* drow, int64_t n, const float* lse_adj, const float* delta,
+                                   float scale, const RowMod& md, float dstart) {
+  F y = vec::load_n<F, kFull>(srow, n, 0.0f);
+  F g;
+  if constexpr (kCap || kAlibi)
+    y = vec::score_mod_k<F, kCap, kAlibi, kMask>(y, md.inv_cap, md.cap_mul, md.a, dstart, 1.0f, kCap ? &g : nullptr);
+  const F pr = vec::exp2(y - vec::load_n<F, kFull>(lse_adj, n, 0.0f));
+  F ds = (pr * scale) * (vec::load_n<F, kFull>(drow, n, 0.0f) - vec::load_n<F, kFull>(delta, n, 0.0f));
+  if constexpr (kCap) ds *= g;
+  vec::store_n<F, kFull>(srow, pr, n);
+  vec::store_n<F, kFull>(drow, ds, n);
+}
 template <typename F, bool kCap, bool kAlibi, bool kMask>
 FA_CPU_INLINE void probs_dsoft_row(float* srow, float* drow, int64_t cols, const float* lse_adj, const float* delta,
                                    float scale, const RowMod& md, float dline) {
   constexpr int W = vec::width<F>;
-  constexpr bool kMod = kCap || kAlibi;
   const int64_t cv = cols - cols % W;
-  for (int64_t c = 0; c <= cv; c += W) {
-    const int64_t n = c < cv ? W : cols - cv;
-    if (n == 0) break;
-    F y = n == W ? vec::load<F>(srow + c) : vec::load_part<F>(srow + c, n, 0.0f);
-    F g;
-    if constexpr (kMod)
-      y = vec::score_mod_k<F, kCap, kAlibi, kMask>(y, md.inv_cap, md.cap_mul, md.a, dline + static_cast<float>(c),
-                                                   1.0f, kCap ? &g : nullptr);
-    const F lse = n == W ? vec::load<F>(lse_adj + c) : vec::load_part<F>(lse_adj + c, n, 0.0f);
-    const F dlt = n == W ? vec::load<F>(delta + c) : vec::load_part<F>(delta + c, n, 0.0f);
-    const F dpv = n == W ? vec::load<F>(drow + c) : vec::load_part<F>(drow + c, n, 0.0f);
-    const F pr = vec::exp2(y - lse);
-    F ds = (pr * scale) * (dpv - dlt);
-    if constexpr (kCap) ds *= g;
-    if (n == W) {
-      vec::store(srow + c, pr);
-      vec::store(drow + c, ds);
-    } else {
-      vec::store_part(srow + c, pr, n);
-      vec::store_part(drow + c, ds, n);
-    }
-  }
+  for (int64_t c = 0; c < cv; c += W)
+    probs_dsoft_vec<F, kCap, kAlibi, kMask, true>(srow + c, drow + c, W, lse_adj + c, delta + c, scale, md,
+                                                  dline + static_cast<float>(c));
+  if (cv < cols)
+    probs_dsoft_vec<F, kCap, kAlibi, kMask, false>(srow + cv, drow + cv, cols - cv, lse_adj + cv, delta + cv, scale,
+                                                   md, dline + static_cast<float>(cv));
 }
 template <typename F>
 FA_CPU_INLINE void probs_dsoft_f32_body(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld,
                                         const float* lse_adj, const float* delta, float scale, const RowMod* mod) {
   const RowMod md = mod ? *mod : RowMod{};
-  const int kind = mod ? (md.inv_cap > 0.0f ? 4 : 0) | (md.a != 0.0f ? 2 : 0) | (md.masked ? 1 : 0) : 0;
+  const int kind = mod ? md.kind() : 0;
   for (int64_t r = 0; r < rows; ++r) {
     float* srow = s + r * ld;
     float* drow = dp + r * ld;
@@ -787,7 +804,7 @@ FA_CPU_INLINE void transpose_scaled_f32_body(const float* src, int64_t ld_src, i
 #pragma GCC unroll 4
       for (int s = 1; s < kB; s *= 2)
 #pragma GCC unroll 16
-        for (int i = 0; i < kB; ++i)
+        for (int i = 0; i + s < kB; ++i)  // (i + s < kB holds wherever bit s of i is clear)
           if (!(i & s)) vec::bfly(t[i], t[i + s], s);
 #pragma GCC unroll 16
       for (int i = 0; i < kB; ++i) {
