@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""KV-cache decoding on the CPU: K/V bytes read per second against the machine's read bandwidth, same run.
+"""KV-cache decoding: K/V bytes read per second against the machine's read bandwidth, same run.
 
     python bench/decode_bench.py [--quick] [--out bench/results/<machine>] [--threads N]
+    python bench/decode_bench.py --device cuda [--quick] [--out ...]   (GPU: bf16 and fp16, read-bw = HBM)
     python bench/bench.py --groups decode ...          (the same, through the main driver)
 
 Shape of the issue: B 4, Hq 32, Hk 8, D 128, Sq 1, every sequence holding the whole cache (8k .. 64k keys), fp32
@@ -15,7 +16,10 @@ after a warm-up):
   sdpa            torch's scaled_dot_product_attention(q, k, v, enable_gqa=True)
 Bandwidth = K and V bytes of the cache (2 * B * Hk * S * D * element size) / time, for every implementation
 alike (bytes each must read at least once); frac = that / the same case's read-bw. Outputs are checked
-against each other before timing. Nothing here asserts a timing.
+against each other before timing. On a GPU (--device cuda) the same cases run in bf16 and fp16 (plus a
+128k cache), every call is synchronised, read-bw is the sum over 1 GiB in the GPU's memory, and
+flash_kvcache also runs with num_splits=1 (no split of the key range: what split-KV buys at small B).
+Nothing here asserts a timing.
 """
 from __future__ import annotations
 
@@ -43,17 +47,24 @@ except ImportError:
 PAGE = 64
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fns: dict, reps: int, warmup: int = 1) -> dict:
-    """Median ms per implementation, calls interleaved rep by rep in rotating order."""
+    """Median ms per implementation, calls interleaved rep by rep in rotating order (GPU: synchronised)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
+    sync()
     names = list(fns)
     times = {k: [] for k in names}
     for r in range(reps):
         for k in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
             fns[k]()
+            sync()
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -69,19 +80,21 @@ def paged_copy(c: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return shuffled
 
 
-def decode_case(b, hq, hk, d, s, dtype, reps, read_bw, peers, gen) -> list[dict]:
-    k = torch.randn(b, hk, s, d, generator=gen).to(dtype)
-    v = torch.randn(b, hk, s, d, generator=gen).to(dtype)
-    q = torch.randn(b, hq, 1, d, generator=gen).to(dtype)
-    perm = torch.randperm(b * s // PAGE, generator=gen)
+def decode_case(b, hq, hk, d, s, dtype, reps, read_bw, peers, gen, dev="cpu") -> list[dict]:
+    k = torch.randn(b, hk, s, d, generator=gen).to(device=dev, dtype=dtype)
+    v = torch.randn(b, hk, s, d, generator=gen).to(device=dev, dtype=dtype)
+    q = torch.randn(b, hq, 1, d, generator=gen).to(device=dev, dtype=dtype)
+    perm = torch.randperm(b * s // PAGE, generator=gen).to(dev)
     kp, vp = paged_copy(k, perm), paged_copy(v, perm)
     bt = perm.view(b, s // PAGE).to(torch.int32)
-    lens = torch.full((b,), s, dtype=torch.int32)
+    lens = torch.full((b,), s, dtype=torch.int32, device=dev)
     fns = {
         "read-bw": read_bw,
         "kvcache": lambda: fused_attn.flash_kvcache(q, k, v, lens),
         "kvcache-paged": lambda: fused_attn.flash_kvcache(q, kp, vp, lens, block_table=bt),
     }
+    if dev != "cpu":
+        fns["kvcache-nosplit"] = lambda: fused_attn.flash_kvcache(q, k, v, lens, num_splits=1)
     if peers:
         fns["flash"] = lambda: fused_attn.flash(q, k, v)
         fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -98,7 +111,7 @@ def decode_case(b, hq, hk, d, s, dtype, reps, read_bw, peers, gen) -> list[dict]
     for name, t in ms.items():
         gbps = ((1 << 30) if name == "read-bw" else kv_bytes) / (t / 1e3) / 1e9
         rows.append(dict(group="decode", impl=name, dtype=str(dtype).replace("torch.", ""), batch=b, hq=hq, hk=hk,
-                         d=d, sq=1, cache_len=s, layout="paged64" if name == "kvcache-paged" else "contiguous",
+                         d=d, sq=1, cache_len=s, layout={"kvcache-paged": "paged64", "kvcache-nosplit": "1split"}.get(name, "contiguous"),
                          ms=t, kv_bytes=kv_bytes, gbps=gbps, read_bw_gbps=bw_read, frac_of_read_bw=gbps / bw_read))
     del k, v, kp, vp
     gc.collect()
@@ -112,29 +125,34 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--lens", default=None, help="comma-separated cache lengths (default 8192,16384,32768,65536)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--peers-up-to", type=int, default=65536,
                     help="longest cache on which flash() and SDPA run (memory: flash() copies K, and V for bf16)")
     opts = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(opts.threads or cores)
-    reps = opts.reps or (2 if opts.quick else 7)
+    gpu = opts.device == "cuda"
+    reps = opts.reps or (2 if opts.quick else 20 if gpu else 7)
     lens = [int(x) for x in opts.lens.split(",")] if opts.lens else ([1024, 2048] if opts.quick else
-                                                                      [8192, 16384, 32768, 65536])
+                                                                      [8192, 16384, 32768, 65536] +
+                                                                      ([131072] if gpu else []))
     gen = torch.Generator().manual_seed(0)
-    big = torch.ones(1 << 28)  # 1 GiB of fp32
+    big = torch.ones(1 << 28, device=opts.device)  # 1 GiB of fp32
     read_bw = lambda: big.sum()  # noqa: E731
 
     rows, t0 = [], time.time()
-    cases = [(4, dt, s) for dt in (torch.float32, torch.bfloat16) for s in lens]
-    cases += [(1, dt, lens[-1]) for dt in (torch.float32, torch.bfloat16)]
+    dtypes = (torch.bfloat16, torch.float16) if gpu else (torch.float32, torch.bfloat16)
+    cases = [(4, dt, s) for dt in dtypes for s in lens]
+    cases += [(1, dt, lens[-1]) for dt in dtypes]
     for n, (b, dt, s) in enumerate(cases, 1):
         print(f"[{n}/{len(cases)} {time.time() - t0:5.0f}s] B{b} Hq32 Hk8 D128 Sq1 S{s} {dt}", flush=True)
-        case_rows = decode_case(b, 32, 8, 128, s, dt, reps, read_bw, s <= opts.peers_up_to, gen)
+        case_rows = decode_case(b, 32, 8, 128, s, dt, reps, read_bw, s <= opts.peers_up_to, gen, opts.device)
         for r in case_rows:
             print(f"    {r['impl']:<14} {r['ms']:9.2f} ms  {r['gbps']:6.1f} GB/s  {100 * r['frac_of_read_bw']:5.1f}% "
                   f"of read-bw", flush=True)
         rows += case_rows
-    meta = dict(machine=f"cpu-{cores}cores", processor=platform.processor() or platform.machine(),
+    meta = dict(machine=torch.cuda.get_device_name() if gpu else f"cpu-{cores}cores",
+                processor=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
@@ -143,7 +161,7 @@ def main(argv=None):
     summary(rows)
     if opts.quick:
         return rows
-    out = Path(opts.out) if opts.out else REPO / "bench" / "results" / meta["machine"]
+    out = Path(opts.out) if opts.out else REPO / "bench" / "results" / ("gpu_run" if gpu else meta["machine"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     keys = list(rows[0])
@@ -177,10 +195,13 @@ def plot(rows, meta, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, dt in zip(axes, ("float32", "bfloat16")):
+    gpu = "cpu" not in meta["machine"]
+    target = 0.8 if gpu else 0.6  # the issue's aims: 80% of HBM bandwidth on a GPU, 60% of read bandwidth on a CPU
+    for ax, dt in zip(axes, ("bfloat16", "float16") if gpu else ("float32", "bfloat16")):
         sel = [r for r in rows if r["dtype"] == dt and r["batch"] == 4]
         lens = sorted({r["cache_len"] for r in sel})
-        style = {"kvcache": ("C0", "o", "-"), "kvcache-paged": ("C0", "s", "--"), "flash": ("C1", "^", "-"),
+        style = {"kvcache": ("C0", "o", "-"), "kvcache-paged": ("C0", "s", "--"),
+                 "kvcache-nosplit": ("C3", "d", ":"), "flash": ("C1", "^", "-"),
                  "sdpa": ("C2", "v", "-"), "read-bw": ("k", ".", ":")}
         for impl, (col, mk, ls) in style.items():
             pts = [(r["cache_len"], r["gbps"]) for r in sel if r["impl"] == impl]
@@ -189,7 +210,8 @@ def plot(rows, meta, path):
                         "read bandwidth (sum of 1 GiB)")
         bw = [r["gbps"] for r in sel if r["impl"] == "read-bw"]
         if bw:
-            ax.plot(lens, [0.6 * x for x in bw], color="k", ls="--", lw=0.8, label="60% of read bandwidth")
+            ax.plot(lens, [target * x for x in bw], color="k", ls="--", lw=0.8,
+                    label=f"{100 * target:.0f}% of read bandwidth")
         ax.set_xscale("log", base=2)
         ax.set_xticks(lens, [f"{x // 1024}k" for x in lens])
         ax.set_xlabel("cache length (keys per sequence)")
@@ -197,8 +219,8 @@ def plot(rows, meta, path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("K/V GB/s read")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"flash_kvcache decode bandwidth, CPU {meta['threads']} threads ({meta['processor']}), "
-                 f"torch {meta['torch']}, {meta['date'][:10]}", fontsize=9)
+    where = meta["machine"] if gpu else f"CPU {meta['threads']} threads ({meta['processor']})"
+    fig.suptitle(f"flash_kvcache decode bandwidth, {where}, torch {meta['torch']}, {meta['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -2,12 +2,14 @@
 # GPU validation in one call, for a GPU machine without network (python3 there already holds torch):
 # build, CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases, the GPU benchmark.
 # Everything lands in one folder ($OUT, or bench/results/gpu_run), with a summary at the end.
-#   bash bench/gpu_check.sh [build|prebuilt|diag|probe|test|test-sm80|sanitize|ncu|fa4-a|fa4-b|bench|bench-dense|bench-rest ...]
+#   bash bench/gpu_check.sh [build|prebuilt|diag|probe|test|test-sm80|sanitize|ncu|fa4-a|fa4-b|bench|bench-dense|bench-rest|bench-serve ...]
 #   (default: build probe test sanitize bench). On a Hopper GPU (compute capability 9.0) the fp16/bf16 calls
 #   run the wgmma/TMA kernels; probe checks the ISA readings they rely on first (notes/hopper.md), test-sm80
 #   runs the CUDA tests again with the mma.sync kernels forced (FUSED_ATTN_FORCE_SM80=1).
 # Each stage fits one 10-minute device call; `bench` is bench-dense then bench-rest (FlexAttention
-# compiles once per shape, which is most of the benchmark's time).
+# compiles once per shape, which is most of the benchmark's time). bench-serve: packed batches
+# (bench/varlen_bench.py: Hopper against mma.sync kernels, equal-length flash(), padding, torch's varlen_attn)
+# and KV-cache decoding (bench/decode_bench.py: HBM bandwidth, paged, split-KV) on the GPU.
 # Device time is scarce: DEADLINE (epoch seconds) makes each long stage stop in time for the call to return
 # its files; SO_OUT (a folder) receives the built extension, gzipped, so that a later call on a fresh
 # machine can carry it back (copy the pieces into .gpu_so/ and carry it; stage `prebuilt` joins them) instead of building again.
@@ -147,6 +149,15 @@ PYEOF
       rc=$?
       note "$stage: rc=$rc in $(( $(date +%s) - t0 )) s"
       tail -60 "$OUT/$stage.log"
+      ;;
+    bench-serve)
+      timeout $(left) $PY bench/varlen_bench.py --device cuda --out "$OUT/bench" > "$OUT/bench-varlen.log" 2>&1
+      note "bench-serve varlen: rc=$? in $(( $(date +%s) - t0 )) s"
+      grep -E "^(varlen|mods) " "$OUT/bench-varlen.log" | tee -a "$summary"
+      t1=$(date +%s)
+      timeout $(left) $PY bench/decode_bench.py --device cuda --out "$OUT/bench" > "$OUT/bench-decode.log" 2>&1
+      note "bench-serve decode: rc=$? in $(( $(date +%s) - t1 )) s"
+      sed -n '/^cache /,$p' "$OUT/bench-decode.log" | head -40 | tee -a "$summary"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Packed variable-length batches and score modifiers on the CPU, peers in one process, interleaved.
+"""Packed variable-length batches and score modifiers, peers in one process, interleaved.
 
-    python bench/varlen_bench.py [--quick] [--out bench/results/<machine>]
+    python bench/varlen_bench.py [--quick] [--out bench/results/<machine>]            (CPU, fp32)
+    python bench/varlen_bench.py --device cuda [--quick] [--out bench/results/<gpu>]  (GPU, bf16)
 
 varlen: one packed batch of ~32k tokens whose lengths spread from 64 to 4096 (fixed seed), causal, through
 flash_varlen, against (a) flash() on one sequence of the batch's mean length, compared in TFLOP/s on
@@ -9,13 +10,22 @@ visible pairs, and (b) the same batch right-padded to its longest sequence throu
 a user without varlen runs (with Sq = Sk the padded keys come after every real row's diagonal, so the real
 rows are exact; checked), compared in time.
 mods: flash() with softcap, ALiBi, and both, against the plain call on the same shape.
-Timings: median of interleaved repeats after a warm-up. Nothing here asserts a timing.
+GPU (--device cuda): bf16, ~16k tokens, H 16, D 128, causal, forward and forward+backward; the packed batch
+also against flash() on an equal-length batch of the same token count (flash-equal; varlen-equal is the same
+batch through flash_varlen, so their ratio is the packed path's own cost), through the mma.sync kernels
+(varlen-sm80, FUSED_ATTN_FORCE_SM80=1 for that call) and through torch.nn.attention.varlen where this torch
+has it (torch-varlen).
+Timings: median of interleaved repeats after a warm-up (GPU: synchronised around each call). Nothing here
+asserts a timing.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import inspect
 import json
+import os
 import platform
 import statistics
 import sys
@@ -33,16 +43,124 @@ def causal_pairs(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fns: dict, reps: int) -> dict:
     for f in fns.values():  # warm-up
         f()
+    sync()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
             t0 = time.perf_counter()
             f()
+            sync()
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+@contextlib.contextmanager
+def forced_sm80():
+    """FUSED_ATTN_FORCE_SM80=1 for the calls inside (the library reads it at each call)."""
+    old = os.environ.get("FUSED_ATTN_FORCE_SM80")
+    os.environ["FUSED_ATTN_FORCE_SM80"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FUSED_ATTN_FORCE_SM80"]
+        else:
+            os.environ["FUSED_ATTN_FORCE_SM80"] = old
+
+
+def torch_varlen():
+    """torch.nn.attention.varlen.varlen_attn as f(q, k, v, cu, max_len) (causal), or None where this torch
+    lacks it. Its signature changed between releases: is_causal=True, or window_size=(-1, 0)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    kw = dict(is_causal=True) if "is_causal" in params else dict(window_size=(-1, 0))
+    return lambda q, k, v, cu, m: varlen_attn(q, k, v, cu, cu, m, m, **kw)
+
+
+def gpu_varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dtype, dev: str = "cuda") -> list[dict]:
+    """The GPU comparison (module docstring), forward and forward+backward (dev: cpu for a smoke test)."""
+    g = torch.Generator().manual_seed(0)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+    lens[-1] -= sum(lens) - total
+    if lens[-1] < 1:
+        lens.pop()
+    n, longest = sum(lens), max(lens)
+    mean = round(n / len(lens))
+    nb = max(1, n // mean)  # equal-length batch of (about) the same token count
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(device=dev, dtype=dtype)  # noqa: E731
+    q, k, v = mk(n, h, d), mk(n, h, d), mk(n, h, d)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    qe, ke, ve = mk(nb, h, mean, d), mk(nb, h, mean, d), mk(nb, h, mean, d)
+    que, kue, vue = (t.transpose(1, 2).reshape(nb * mean, h, d) for t in (qe, ke, ve))
+    cue = torch.arange(0, nb * mean + 1, mean, dtype=torch.int32, device=dev)
+    qp, kp, vp = (torch.zeros(len(lens), h, longest, d, device=dev, dtype=dtype) for _ in range(3))
+    for b, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        for src, dst in ((q, qp), (k, kp), (v, vp)):
+            dst[b, :, : e - a] = src[a:e].transpose(0, 1)
+    tv = torch_varlen()
+
+    fv = lambda q_, k_, v_: fused_attn.flash_varlen(q_, k_, v_, cu, cu, max_seqlen_q=longest,  # noqa: E731
+                                                    max_seqlen_k=longest, causal=True)
+    fve = lambda q_, k_, v_: fused_attn.flash_varlen(q_, k_, v_, cue, cue, max_seqlen_q=mean,  # noqa: E731
+                                                     max_seqlen_k=mean, causal=True)
+    impls = {  # name: (function, its inputs, causal pairs per head)
+        "varlen": (fv, (q, k, v), sum(causal_pairs(x) for x in lens)),
+        "varlen-sm80": (fv, (q, k, v), sum(causal_pairs(x) for x in lens)),  # forward and backward forced
+        "flash-equal": (lambda a, b_, c: fused_attn.flash(a, b_, c, causal=True), (qe, ke, ve), nb * causal_pairs(mean)),
+        "varlen-equal": (fve, (que, kue, vue), nb * causal_pairs(mean)),
+        "flash-padded": (lambda a, b_, c: fused_attn.flash(a, b_, c, causal=True), (qp, kp, vp),
+                         sum(causal_pairs(x) for x in lens)),
+    }
+    if tv is not None:
+        impls["torch-varlen"] = (lambda a, b_, c: tv(a, b_, c, cu, longest), (q, k, v), sum(causal_pairs(x) for x in lens))
+    got = fv(q, k, v).float()
+    with forced_sm80():
+        err = (fv(q, k, v).float() - got).abs().max().item()
+    assert err < 5e-2, f"the mma.sync kernels disagree with the Hopper ones on flash_varlen: {err}"
+    if tv is not None:
+        try:
+            err = (impls["torch-varlen"][0](q, k, v).float() - got).abs().max().item()
+        except (RuntimeError, ValueError, TypeError) as e:  # this torch's varlen_attn cannot run the case
+            print(f"torch-varlen left out: {type(e).__name__}: {str(e)[:200]}")
+            del impls["torch-varlen"]
+        else:
+            assert err < 5e-2, f"torch varlen_attn disagrees with flash_varlen: {err}"
+
+    def call(name, f, args, backward):
+        with forced_sm80() if name == "varlen-sm80" else contextlib.nullcontext():
+            if backward:
+                f(*args).sum().backward()
+            else:
+                f(*args)
+
+    rows = []
+    for passname in ("fwd", "fwd+bwd"):
+        fns = {}
+        for name, (f, args, _) in impls.items():
+            if passname == "fwd+bwd":
+                args = [t.detach().requires_grad_(True) for t in args]
+            fns[name] = (lambda name=name, f=f, args=args, bw=passname == "fwd+bwd": call(name, f, args, bw))
+        ms = timed(fns, reps)
+        for name, t in ms.items():
+            pairs = impls[name][2]
+            fl = 4 * d * h * pairs * (3.5 if passname == "fwd+bwd" else 1)  # backward = 2.5 forwards
+            rows.append(dict(group="varlen", impl=name, pass_=passname, ms=t, tflops=fl / t / 1e9, tokens=n,
+                             sequences=len(lens), mean_len=mean, max_len=longest, heads=h, d=d,
+                             dtype=str(dtype).replace("torch.", ""), pattern="causal"))
+    return rows
 
 
 def varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dtype) -> list[dict]:
@@ -85,10 +203,10 @@ def varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dtype) 
     return rows
 
 
-def mods_case(s: int, h: int, d: int, reps: int, dtype, causal: bool) -> list[dict]:
+def mods_case(s: int, h: int, d: int, reps: int, dtype, causal: bool, device: str = "cpu") -> list[dict]:
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, h, s, d, generator=g).to(dtype) for _ in range(3))
-    slopes = torch.rand(h, generator=g) * 0.1
+    q, k, v = (torch.randn(1, h, s, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    slopes = (torch.rand(h, generator=g) * 0.1).to(device)
     fns = {
         "plain": lambda: fused_attn.flash(q, k, v, causal=causal),
         "softcap": lambda: fused_attn.flash(q, k, v, causal=causal, softcap=30.0),
@@ -118,9 +236,13 @@ def mods_case(s: int, h: int, d: int, reps: int, dtype, causal: bool) -> list[di
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu-2cores"))
+    ap.add_argument("--out", default=None, help="output folder (default bench/results/cpu-2cores, or gpu_run on CUDA)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     opts = ap.parse_args(argv)
     reps = 2 if opts.quick else 7
+    if opts.device == "cuda":
+        return main_gpu(opts)
+    opts.out = opts.out or str(REPO / "bench" / "results" / "cpu-2cores")
     rows = []
     if opts.quick:
         rows += varlen_case(2048, 16, 512, 2, 32, reps, torch.float32)
@@ -147,6 +269,39 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "varlen_mods.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
         plot(rows, out / "varlen.png", meta)
+
+
+def main_gpu(opts):
+    reps = 3 if opts.quick else 20
+    rows = []
+    if opts.quick:
+        rows += gpu_varlen_case(2048, 16, 512, 4, 64, reps, torch.bfloat16)
+        rows += mods_case(512, 4, 64, reps, torch.bfloat16, True, "cuda")
+    else:
+        rows += gpu_varlen_case(16384, 64, 4096, 16, 128, reps, torch.bfloat16)
+        rows += mods_case(4096, 16, 128, reps, torch.bfloat16, True, "cuda")
+        rows += mods_case(4096, 16, 128, reps, torch.bfloat16, False, "cuda")
+    meta = dict(machine=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                kernels=fused_attn.build_info(), date=datetime.date.today().isoformat())
+    for r in rows:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    for p in ("fwd", "fwd+bwd"):
+        v = {r["impl"]: r for r in rows if r["group"] == "varlen" and r["pass_"] == p}
+        line = (f"varlen {p}: {v['varlen']['tflops']:.0f} TFLOP/s; flash-equal {v['flash-equal']['tflops']:.0f} "
+                f"({v['varlen']['tflops'] / v['flash-equal']['tflops']:.2f}x); varlen-equal / flash-equal "
+                f"{v['varlen-equal']['tflops'] / v['flash-equal']['tflops']:.2f}x; mma.sync "
+                f"{v['varlen-sm80']['tflops']:.0f}; padded {v['flash-padded']['ms']:.2f} ms vs packed "
+                f"{v['varlen']['ms']:.2f} ms")
+        if "torch-varlen" in v:
+            line += f"; torch varlen {v['torch-varlen']['tflops']:.0f}"
+        print(line)
+    for r in rows:
+        if r["group"] == "mods" and r["impl"] != "plain":
+            print(f"mods {r['pattern']} {r['pass_']} {r['impl']}: {100 * r['overhead']:+.1f}% over plain")
+    if not opts.quick:
+        out = Path(opts.out or REPO / "bench" / "results" / "gpu_run")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "varlen_gpu.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
 
 
 def plot(rows, path, meta):
