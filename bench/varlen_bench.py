@@ -62,6 +62,17 @@ def timed(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def spread_lengths(total: int, lo: int, hi: int, g: torch.Generator) -> list[int]:
+    """Sequence lengths drawn uniformly from [lo, hi] until they add up to total (the last one cut)."""
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+    lens[-1] -= sum(lens) - total
+    if lens[-1] < 1:
+        lens.pop()
+    return lens
+
+
 @contextlib.contextmanager
 def forced_sm80():
     """FUSED_ATTN_FORCE_SM80=1 for the calls inside (the library reads it at each call)."""
@@ -91,12 +102,7 @@ def torch_varlen():
 def gpu_varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dtype, dev: str = "cuda") -> list[dict]:
     """The GPU comparison (module docstring), forward and forward+backward (dev: cpu for a smoke test)."""
     g = torch.Generator().manual_seed(0)
-    lens = []
-    while sum(lens) < total:
-        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
-    lens[-1] -= sum(lens) - total
-    if lens[-1] < 1:
-        lens.pop()
+    lens = spread_lengths(total, lo, hi, g)
     n, longest = sum(lens), max(lens)
     mean = round(n / len(lens))
     nb = max(1, n // mean)  # equal-length batch of (about) the same token count
@@ -165,12 +171,7 @@ def gpu_varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dty
 
 def varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dtype) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    lens = []
-    while sum(lens) < total:
-        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
-    lens[-1] -= sum(lens) - total
-    if lens[-1] < 1:
-        lens.pop()
+    lens = spread_lengths(total, lo, hi, g)
     n, longest = sum(lens), max(lens)
     mean = round(n / len(lens))
     q, k, v = (torch.randn(n, h, d, generator=g).to(dtype) for _ in range(3))
