@@ -606,21 +606,15 @@ Tensor rows_aligned(const Tensor& t) {
 // The Hopper kernels read through tensor maps, whose strides must be positive multiples of 16 bytes: a
 // tensor with a zero stride in a dimension of size > 1 (an expanded one) is copied.
 Tensor tma_ready(const Tensor& t) {
-  for (int i = 0; i < 3; ++i)
+  for (int64_t i = 0; i + 1 < t.dim(); ++i)
     if (t.size(i) > 1 && t.stride(i) == 0) return t.contiguous();
   return t;
 }
 
 // The Hopper head dim that runs q on its device (0: the mma.sync kernels run; fused_attn/_ops.py's
-// kernel_tiles makes the same choice through bindings.cpp). Packed batches (varlen_*_cuda) stay on the
-// mma.sync kernels.
+// kernel_tiles makes the same choice through bindings.cpp). q is (B, H, S, D), or packed (total, H, D).
 int sm90_head_dim_for(const Tensor& q) {
-  return is_tc(q) ? sm90_choose(q.get_device(), dtype_of(q), q.size(3)) : 0;
-}
-
-// Features whose CUDA kernels have not landed yet: a clear error before any kernel runs.
-void cuda_unsupported(bool cond, const char* what) {
-  TORCH_CHECK_VALUE(!cond, what, " is not supported by the CUDA kernels of this build yet (it runs on the CPU)");
+  return is_tc(q) ? sm90_choose(q.get_device(), dtype_of(q), q.size(q.dim() - 1)) : 0;
 }
 
 std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
@@ -718,11 +712,13 @@ std::tuple<Tensor, Tensor> varlen_fwd_cuda(const Tensor& q_in, const Tensor& k_i
                                            double scale, int64_t wl, int64_t wr, double softcap,
                                            const std::optional<Tensor>& alibi) {
   check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
-  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int hd90 = sm90_head_dim_for(q_in);
+  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
+  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_type(q)));
-  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  const int hd = is_tc(q) && !hd90 ? checked_tc_head_dim(q) : 0;
   AttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
   set_score_mod(p, softcap, alibi, q);
   if (q.numel() == 0 || p.batch == 0) return {out, lse};
@@ -730,7 +726,9 @@ std::tuple<Tensor, Tensor> varlen_fwd_cuda(const Tensor& q_in, const Tensor& k_i
   if (k.size(0) == 0 || max_k == 0 || max_q == 0) return {out.zero_(), lse.fill_(-INFINITY)};
   set_varlen_out(p, out, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (hd)
+  if (hd90)
+    sm90_fwd(p, dtype_of(q), hd90, stream);
+  else if (hd)
     tc_fwd(p, dtype_of(q), hd, stream);
   else
     generic_fwd(p, dtype_of(q), stream);
@@ -744,21 +742,23 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor& dout_in, const 
                                                    int64_t wl, int64_t wr, double softcap,
                                                    const std::optional<Tensor>& alibi, bool deterministic) {
   check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
-  const Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int hd90 = sm90_head_dim_for(q_in);
+  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
+  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
   TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "dout, out: expected shape ",
                     shape_str(q), ", got ", shape_str(dout_in), " and ", shape_str(out_in));
   TORCH_CHECK_VALUE(lse_in.dim() == 2 && lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0) &&
                         lse_in.scalar_type() == lse_type(q),
                     "lse: expected ", lse_type(q), " of shape (Hq, total_q), got ", shape_str(lse_in));
   BwdTensors t;
-  t.dout = rows_aligned(dout_in.to(q.scalar_type()));
-  t.out = rows_aligned(out_in);
+  t.dout = ready(dout_in.to(q.scalar_type()));
+  t.out = ready(out_in);
   t.lse = lse_in.contiguous();
   t.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   t.dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   t.dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  const int hd = is_tc(q) ? checked_tc_head_dim(q) : 0;
+  const int hd = is_tc(q) && !hd90 ? checked_tc_head_dim(q) : 0;
   AttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
   set_score_mod(p, softcap, alibi, q);
   if (q.numel() == 0 || k.numel() == 0 || p.batch == 0 || max_q == 0 || max_k == 0)
@@ -767,16 +767,19 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor& dout_in, const 
   p.deterministic = deterministic || env_deterministic() || at::globalContext().deterministicAlgorithms();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   Tensor dq_accum;
-  if (hd) {
+  if (hd90 || hd) {
     if (!p.deterministic) {
-      // (Hq, total_q, hd): the rows of lse, no padding (params.h, dq_accum).
-      dq_accum = at::zeros({q.size(1), q.size(0), hd}, q.options().dtype(at::kFloat));
+      // (Hq, total_q, head dim of the kernel): the rows of lse, no padding (params.h, dq_accum).
+      dq_accum = at::zeros({q.size(1), q.size(0), hd90 ? hd90 : hd}, q.options().dtype(at::kFloat));
       p.dq_accum = dq_accum.data_ptr<float>();
       p.dqa_b = 0;
       p.dqa_h = dq_accum.stride(0);
       p.dqa_s = dq_accum.stride(1);
     }
-    tc_bwd(p, dtype_of(q), hd, stream);
+    if (hd90)
+      sm90_bwd(p, dtype_of(q), hd90, stream);
+    else
+      tc_bwd(p, dtype_of(q), hd, stream);
   } else {
     generic_bwd(p, dtype_of(q), stream);
   }

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow,
 SUBSETS = {
     # family, dtype, head dim, cases (substrings of emu_main.cpp's case names)
     "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial,mods_varlen_causal,decode_paged16_split3_softcap"),
-    "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods"),
+    "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods,mods_varlen_causal"),
     "generic": ("generic", "fp32", 64, "dense,sparse_causal,decode_mqa_window_split4"),
     # linear attention (emu_linear.cpp's case names; one binary, the head dim is the case's): tensor cores
     # with the two-level scan both ways, non-causal Sq != Sk, S = 1; fp32 with odd dims and an initial state.

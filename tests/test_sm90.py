@@ -92,3 +92,17 @@ def test_expanded_kv_is_copied_for_tma():
     q, k, v = make_qkv(1, 4, 1, 200, 300, 64, dtype=torch.float16, device="cuda", seed=4)
     k, v = k.expand(1, 4, 300, 64), v.expand(1, 4, 300, 64)  # zero head stride: not describable by a tensor map
     check_all(q, k, v, causal=True)
+
+
+@sm90
+@pytest.mark.parametrize("force", ["", "1"], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_varlen_both_paths_against_reference(d, force, monkeypatch):
+    """Packed batches run the Hopper kernels too (per-sequence TMA offsets, guarded epilogue stores); the
+    mma.sync kernels on the same batch for comparison."""
+    from test_cuda import VARLEN_MIXED, check_varlen_cuda, packed_cuda
+
+    monkeypatch.setenv("FUSED_ATTN_FORCE_SM80", force)
+    q, k, v, cu_q, cu_k = packed_cuda(*VARLEN_MIXED, 8, 2, d, torch.bfloat16, seed=d)
+    check_varlen_cuda(q, k, v, cu_q, cu_k, causal=True, window=(300, -1))
+

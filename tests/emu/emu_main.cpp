@@ -135,7 +135,6 @@ std::vector<Case> cases(int hd) {
   c.push_back({"sparse_causal", 1, 2, 2, 193, 193, hd ? full : 256, -1, 0, 32, 16, false, false, false});
   c.push_back({"single", 1, 1, 1, 1, 1, hd ? full : 1, -1, -1, 0, 0, false, true, false});
   c.push_back({"ragged_small_d", 1, 2, 1, 97, 130, hd ? std::max(8, hd - 24) : 59, -1, -1, 0, 0, false, true, true});
-#ifndef EMU_SM90  // the Hopper kernels do not take packed batches (flash_varlen runs the mma.sync ones)
   // Packed batches: lengths 0 and 1, Sq_b != Sk_b both ways, a sequence without keys and one without queries,
   // GQA; the second gets max_seqlen above the longest lengths.
   Case v1{"varlen_causal", 6, 4, 2, 130, 150, hd ? full : 40, -1, 0, 0, 0, false, true, false};
@@ -146,7 +145,6 @@ std::vector<Case> cases(int hd) {
   v2.lens_q = {17, 129, 1, 64};
   v2.lens_k = {40, 129, 5, 0};
   c.push_back(v2);
-#endif
   // Score modifiers, alone, together, with a packed batch and with a block layout.
   Case m1{"softcap", 1, 2, 1, 130, 200, hd ? full : 64, -1, -1, 0, 0, false, true, true};
   m1.softcap = 1.5;
@@ -155,7 +153,6 @@ std::vector<Case> cases(int hd) {
   Case m2{"alibi_window_gqa", 2, 4, 2, 77, 160, hd ? full : 59, 60, 20, 0, 0, false, true, false};
   m2.alibi = 2;
   c.push_back(m2);
-#ifndef EMU_SM90
   Case m3{"mods_varlen_causal", 4, 2, 2, 128, 100, hd ? full : 160, -1, 0, 0, 0, false, true, false};
   m3.lens_q = {40, 0, 128, 1};
   m3.lens_k = {60, 7, 100, 1};
@@ -163,7 +160,6 @@ std::vector<Case> cases(int hd) {
   m3.alibi = 1;
   m3.qmul = 2;
   c.push_back(m3);
-#endif
   Case m4{"sparse_mods", 1, 2, 2, 100, 100, hd ? full : 256, -1, 0, 32, 16, false, false, false};
   m4.softcap = 3.0;
   m4.alibi = 1;

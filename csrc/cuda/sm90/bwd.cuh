@@ -18,7 +18,8 @@
 //                                            dS (M-major from that tile), B = K (N-major), then fp32 atomics
 //                                            into dq_accum: KG = 2 splits dQ's K (keys) between the
 //                                            warpgroups, KG = 1 its N (columns).
-//        Epilogue: dK * scale and dV through the K / V tiles and TMA stores.
+//        Epilogue: dK * scale and dV through the K / V tiles and TMA stores (a packed batch: plain stores
+//        of the sequence's keys, see common.cuh store_rows).
 //   3. dq_convert_kernel (bwd_kernel.cuh): dq = dq_accum in Elem. Deterministic mode: dq_kernel instead, one
 //      block of 256 threads (producer + one consumer warpgroup) per (64-row query tile, query head, batch)
 //      over KeyTiles, dQ in registers, no atomics: bit-identical from run to run.
@@ -102,6 +103,8 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
   const int64_t k0 = kt * C::TK;
   const int group = static_cast<int>(p.hq) / static_cast<int>(p.hk);
   const int64_t h0 = hk * group;
+  // Packed batch: the grid covers max_seqlen_k; a key tile past this sequence's keys leaves at once.
+  if (k0 >= p.seq(b).sk) return;
 
   if (tid == 0) {
     mbar_init(barKV, 1);
@@ -120,14 +123,17 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
     // ---------------------------------------------------------------------------------- producer
     setmaxnreg_dec<24>();
     if (tid < 32) {
+      // Tensor-map coordinates of sequence b (packed: one batch of total rows, common.cuh map_rows).
+      const SeqInfo si = p.seq(b);
+      const int tb = p.varlen() ? 0 : static_cast<int>(b);
       if (tid == 0) {
         mbar_arrive_expect_tx(barKV, 2 * C::kKVBytes);
 #pragma unroll
         for (int cb = 0; cb < HD / 64; ++cb) {
-          tma_load_4d(sK + cb * KT::kBlockBytes, &prm.tk, barKV, cb * 64, static_cast<int>(k0), static_cast<int>(hk),
-                      static_cast<int>(b));
-          tma_load_4d(sV + cb * KT::kBlockBytes, &prm.tv, barKV, cb * 64, static_cast<int>(k0), static_cast<int>(hk),
-                      static_cast<int>(b));
+          tma_load_4d(sK + cb * KT::kBlockBytes, &prm.tk, barKV, cb * 64, static_cast<int>(si.k_off + k0),
+                      static_cast<int>(hk), tb);
+          tma_load_4d(sV + cb * KT::kBlockBytes, &prm.tv, barKV, cb * 64, static_cast<int>(si.k_off + k0),
+                      static_cast<int>(hk), tb);
         }
       }
       int gi = 0, idx = 0, it = 0;
@@ -142,20 +148,21 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
           mbar_arrive_expect_tx(full(s), 2 * C::kQBytes);
 #pragma unroll
           for (int cb = 0; cb < HD / 64; ++cb) {
-            tma_load_4d(sQ(s) + cb * QT::kBlockBytes, &prm.tq, full(s), cb * 64, static_cast<int>(q0),
-                        static_cast<int>(h), static_cast<int>(b));
-            tma_load_4d(sdO(s) + cb * QT::kBlockBytes, &prm.tdo, full(s), cb * 64, static_cast<int>(q0),
-                        static_cast<int>(h), static_cast<int>(b));
+            tma_load_4d(sQ(s) + cb * QT::kBlockBytes, &prm.tq, full(s), cb * 64, static_cast<int>(si.q_off + q0),
+                        static_cast<int>(h), tb);
+            tma_load_4d(sdO(s) + cb * QT::kBlockBytes, &prm.tdo, full(s), cb * 64, static_cast<int>(si.q_off + q0),
+                        static_cast<int>(h), tb);
           }
         }
-        // lse (log2 units) and delta of the item's 64 rows, 2 per lane; rows past Sq: P = 0, delta = 0.
+        // lse (log2 units) and delta of the item's 64 rows, 2 per lane; rows past Sq_b: P = 0, delta = 0
+        // (in a packed batch they are the next sequence's rows).
         const uint32_t v = vec(s) + 4 * tid;  // row tid + 32 i at v + 128 i
 #pragma unroll
         for (int i = 0; i < C::TQ / 32; ++i) {
           const int64_t row = q0 + tid + 32 * i;
-          const int64_t off = b * p.lse_b + h * p.lse_h + row;
-          st_shared_f32(v + 128 * i, row < p.sq ? lse_log2(static_cast<const float*>(p.lse)[off]) : INFINITY);
-          st_shared_f32(v + 4 * C::TQ + 128 * i, row < p.sq ? static_cast<const float*>(p.delta)[off] : 0.f);
+          const int64_t off = b * p.lse_b + h * p.lse_h + si.q_off + row;
+          st_shared_f32(v + 128 * i, row < si.sq ? lse_log2(static_cast<const float*>(p.lse)[off]) : INFINITY);
+          st_shared_f32(v + 4 * C::TQ + 128 * i, row < si.sq ? static_cast<const float*>(p.delta)[off] : 0.f);
         }
         mbar_arrive(full(s));
         ++it;
@@ -303,8 +310,10 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(dq);
-      // dq_accum += scale * dQ: accumulator (j, i, e) = row q0 + 16 wi + g + 8 i, column cq + 8 j + 2 t + e.
-      float* dqa = p.dq_accum + b * p.dqa_b + h * p.dqa_h;
+      // dq_accum += scale * dQ: accumulator (j, i, e) = row q0 + 16 wi + g + 8 i, column cq + 8 j + 2 t + e
+      // (packed batch: dqa_b = 0, row q_off + i).
+      const SeqInfo si = p.seq(opaque_u32(static_cast<uint32_t>(b)));  // read here, not hoisted (see the epilogue)
+      float* dqa = p.dq_accum + b * p.dqa_b + h * p.dqa_h + si.q_off * p.dqa_s;
 #pragma unroll
       for (int j = 0; j < C::NQ / 8; ++j) {
         const int col = cq + 8 * j + 2 * t;
@@ -312,7 +321,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int64_t row = q0 + 16 * wi + g + 8 * i;
-            if (row < p.sq) tc::red_add_f32x2(dqa + row * p.dqa_s + col, dq[4 * j + 2 * i] * scale, dq[4 * j + 2 * i + 1] * scale);
+            if (row < si.sq) tc::red_add_f32x2(dqa + row * p.dqa_s + col, dq[4 * j + 2 * i] * scale, dq[4 * j + 2 * i + 1] * scale);
           }
         }
       }
@@ -323,7 +332,8 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
   }
 
   // Epilogue: dK * scale and dV into the K and V tiles once both consumers are done reading them, then
-  // this warpgroup's part goes out by TMA (keys past Sk, columns past d are dropped by the tensor map).
+  // this warpgroup's part goes out by TMA (keys past Sk, columns past d are dropped by the tensor map), or,
+  // for a packed batch, by plain stores of the keys < Sk_b (the keys after them are the next sequence's).
   named_sync(C::kBarEpi, 256);
   {
     const int r = 64 * kg + 16 * wi + g;
@@ -338,7 +348,20 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
   }
   fence_proxy_async();
   named_sync(C::kBarDs + c, 128);
-  if (ti == 0) {
+  if (p.varlen()) {
+    // Packed batch: keys < Sk_b by plain stores (a box would also cover the next sequence's first keys).
+    // Sequence b and the thread's place come from opaque copies of b and the thread index: otherwise the
+    // compiler hoists the cu_seqlens loads and the address arithmetic into the main loop, where their
+    // registers made the kMod kernels spill (and so did a TMA store of the tiles wholly inside the sequence).
+    const uint32_t tid_o = opaque_u32(static_cast<uint32_t>(tid));
+    const int co = static_cast<int>(tid_o / 128) - 1, kgo = co % C::KG, dpo = co / C::KG, tio = tid_o % 128;
+    const SeqInfo si = p.seq(opaque_u32(static_cast<uint32_t>(b)));
+    const int64_t w0 = k0 + 64 * kgo;  // the warpgroup's first key within the sequence
+    store_rows<KT, 64, C::HDP, 128>(sK, 64 * kgo, dpo * C::HDP, static_cast<Elem*>(p.dk) + p.dk_st.at(0, hk, si.k_off + w0),
+                                    p.dk_st.s, si.sk - w0, p.d, tio);
+    store_rows<KT, 64, C::HDP, 128>(sV, 64 * kgo, dpo * C::HDP, static_cast<Elem*>(p.dv) + p.dv_st.at(0, hk, si.k_off + w0),
+                                    p.dv_st.s, si.sk - w0, p.d, tio);
+  } else if (ti == 0) {
 #pragma unroll
     for (int cb = dp * C::HDP / 64; cb < (dp + 1) * C::HDP / 64; ++cb) {
       const uint32_t off = cb * KT::kBlockBytes + 64 * kg * 128;
@@ -390,6 +413,9 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
   const int64_t qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / p.group();
   const int64_t q0 = qt * C::TQ;
+  const SeqInfo si = p.seq(b);
+  if (q0 >= si.sq) return;  // packed batch: a query tile past this sequence's rows
+  const int tb = p.varlen() ? 0 : static_cast<int>(b);  // tensor-map batch (packed: one batch of total rows)
   const KeyTiles kts(p, b, h, qt, C::TQ, C::TK);
   const int n = static_cast<int>(kts.count());
 
@@ -414,10 +440,10 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
           mbar_arrive_expect_tx(barQ, 2 * C::kQBytes);
 #pragma unroll
           for (int cb = 0; cb < HD / 64; ++cb) {
-            tma_load_4d(sQ + cb * QT::kBlockBytes, &prm.tq, barQ, cb * 64, static_cast<int>(q0), static_cast<int>(h),
-                        static_cast<int>(b));
-            tma_load_4d(sdO + cb * QT::kBlockBytes, &prm.tdo, barQ, cb * 64, static_cast<int>(q0),
-                        static_cast<int>(h), static_cast<int>(b));
+            tma_load_4d(sQ + cb * QT::kBlockBytes, &prm.tq, barQ, cb * 64, static_cast<int>(si.q_off + q0),
+                        static_cast<int>(h), tb);
+            tma_load_4d(sdO + cb * QT::kBlockBytes, &prm.tdo, barQ, cb * 64, static_cast<int>(si.q_off + q0),
+                        static_cast<int>(h), tb);
           }
         }
         const int s = it % C::kStages;
@@ -425,10 +451,10 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
         mbar_arrive_expect_tx(full(s), 2 * C::kKVBytes);
 #pragma unroll
         for (int cb = 0; cb < HD / 64; ++cb) {
-          tma_load_4d(sK(s) + cb * KT::kBlockBytes, &prm.tk, full(s), cb * 64, tile * C::TK, static_cast<int>(hk),
-                      static_cast<int>(b));
-          tma_load_4d(sK(s) + C::kKVBytes + cb * KT::kBlockBytes, &prm.tv, full(s), cb * 64, tile * C::TK,
-                      static_cast<int>(hk), static_cast<int>(b));
+          const int krow = static_cast<int>(si.k_off) + tile * C::TK;
+          tma_load_4d(sK(s) + cb * KT::kBlockBytes, &prm.tk, full(s), cb * 64, krow, static_cast<int>(hk), tb);
+          tma_load_4d(sK(s) + C::kKVBytes + cb * KT::kBlockBytes, &prm.tv, full(s), cb * 64, krow,
+                      static_cast<int>(hk), tb);
         }
         ++it;
       }
@@ -447,8 +473,8 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
     const int64_t row = wrow + g + 8 * r;
     m[r] = INFINITY;
     dd[r] = 0.f;
-    if (row < p.sq) {
-      const int64_t off = b * p.lse_b + h * p.lse_h + row;
+    if (row < si.sq) {
+      const int64_t off = b * p.lse_b + h * p.lse_h + si.q_off + row;
       m[r] = lse_log2(static_cast<const float*>(p.lse)[off]);
       dd[r] = static_cast<const float*>(p.delta)[off];
     }
@@ -532,7 +558,7 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
   }
 
   // dq = scale * dQ, straight from the accumulators (pairs of columns).
-  Elem* dqg = static_cast<Elem*>(p.dq) + p.dq_st.at(b, h, 0);
+  Elem* dqg = static_cast<Elem*>(p.dq) + p.dq_st.at(b, h, si.q_off);
 #pragma unroll
   for (int j = 0; j < HD / 8; ++j) {
     const int col = 8 * j + 2 * t;
@@ -540,7 +566,7 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t row = wrow + g + 8 * r;
-        if (row < p.sq)
+        if (row < si.sq)
           *reinterpret_cast<uint32_t*>(dqg + row * p.dq_st.s + col) =
               tc::pack2<Elem>(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
       }
@@ -562,11 +588,13 @@ void sm90_bwd_run(const AttnParams& p, cudaStream_t stream) {
     throw std::invalid_argument(where + "block-sparse lists at tiles (" + std::to_string(p.list_tq) + ", " +
                                 std::to_string(p.list_tk) + "), expected (" + std::to_string(C::TQ) + ", " +
                                 std::to_string(C::TK) + ")");
-  if (p.hq > 65535 || p.hk > 65535 || p.batch > 65535 || p.sq > INT_MAX || p.sk > INT_MAX)
-    throw std::invalid_argument(where + "problem too large: Sq = " + std::to_string(p.sq) + ", Sk = " +
-                                std::to_string(p.sk) + ", " + std::to_string(p.hq) + " heads, batch " +
+  const sm90::MapRows mr = sm90::map_rows(p);  // tensor-map rows: packed tensors are one batch of total rows
+  if (p.hq > 65535 || p.hk > 65535 || p.batch > 65535 || mr.q > INT_MAX || mr.k > INT_MAX)
+    throw std::invalid_argument(where + "problem too large: Sq = " + std::to_string(mr.q) + ", Sk = " +
+                                std::to_string(mr.k) + ", " + std::to_string(p.hq) + " heads, batch " +
                                 std::to_string(p.batch) + " (at most 2^31 - 1 rows, 65535 heads and batch)");
-  const int64_t rows = p.batch * p.hq * p.sq;
+  // Rows of lse / delta / dq_accum: (B, Hq, Sq), or one run of (Hq, total_q) for a packed batch.
+  const int64_t rows = p.row_batches() * p.hq * p.row_len();
   if (rows > 0) {
     bwd::delta_kernel<Elem, HD><<<static_cast<unsigned>(cdiv(rows, bwd::kThreads / 8)), bwd::kThreads, 0, stream>>>(p);
     sm90::check_launch(where + "delta kernel: ");
@@ -577,14 +605,16 @@ void sm90_bwd_run(const AttnParams& p, cudaStream_t stream) {
   prm.p = p;
   if (p.batch * p.hk * p.sk > 0) {
     // With Sq = 0 this still runs and writes dK = dV = 0 (no tensor map of Q or dO is read then).
-    if (p.sq > 0) {
-      sm90::make_tmap(&prm.tq, p.q, bf16, p.d, p.sq, p.hq, p.batch, p.q_st, C::TQ, "q");
-      sm90::make_tmap(&prm.tdo, p.dout, bf16, p.d, p.sq, p.hq, p.batch, p.do_st, C::TQ, "dout");
+    if (mr.q > 0) {
+      sm90::make_tmap(&prm.tq, p.q, bf16, p.d, mr.q, p.hq, mr.b, p.q_st, C::TQ, "q");
+      sm90::make_tmap(&prm.tdo, p.dout, bf16, p.d, mr.q, p.hq, mr.b, p.do_st, C::TQ, "dout");
     }
-    sm90::make_tmap(&prm.tk, p.k, bf16, p.d, p.sk, p.hk, p.batch, p.k_st, C::TK, "k");
-    sm90::make_tmap(&prm.tv, p.v, bf16, p.d, p.sk, p.hk, p.batch, p.v_st, C::TK, "v");
-    sm90::make_tmap(&prm.tdk, p.dk, bf16, p.d, p.sk, p.hk, p.batch, p.dk_st, 64, "dk");
-    sm90::make_tmap(&prm.tdv, p.dv, bf16, p.d, p.sk, p.hk, p.batch, p.dv_st, 64, "dv");
+    sm90::make_tmap(&prm.tk, p.k, bf16, p.d, mr.k, p.hk, mr.b, p.k_st, C::TK, "k");
+    sm90::make_tmap(&prm.tv, p.v, bf16, p.d, mr.k, p.hk, mr.b, p.v_st, C::TK, "v");
+    if (!p.varlen()) {  // a packed batch's dK / dV go out by plain stores
+      sm90::make_tmap(&prm.tdk, p.dk, bf16, p.d, p.sk, p.hk, p.batch, p.dk_st, 64, "dk");
+      sm90::make_tmap(&prm.tdv, p.dv, bf16, p.d, p.sk, p.hk, p.batch, p.dv_st, 64, "dv");
+    }
     auto kernel = mods ? sm90::dkdv_kernel<Elem, HD, true> : sm90::dkdv_kernel<Elem, HD, false>;
     sm90::set_smem(kernel, C::kSmem, where + "dK/dV kernel: ");
     const dim3 grid(static_cast<unsigned>(cdiv(p.sk, C::TK)), static_cast<unsigned>(p.hk),
@@ -599,8 +629,8 @@ void sm90_bwd_run(const AttnParams& p, cudaStream_t stream) {
     sm90::check_launch(where + "dQ convert kernel: ");
   } else {
     if (p.batch * p.hk * p.sk == 0) {
-      sm90::make_tmap(&prm.tq, p.q, bf16, p.d, p.sq, p.hq, p.batch, p.q_st, D::TQ, "q");
-      sm90::make_tmap(&prm.tdo, p.dout, bf16, p.d, p.sq, p.hq, p.batch, p.do_st, D::TQ, "dout");
+      sm90::make_tmap(&prm.tq, p.q, bf16, p.d, mr.q, p.hq, mr.b, p.q_st, D::TQ, "q");
+      sm90::make_tmap(&prm.tdo, p.dout, bf16, p.d, mr.q, p.hq, mr.b, p.do_st, D::TQ, "dout");
     }
     auto kernel = mods ? sm90::dq_kernel<Elem, HD, true> : sm90::dq_kernel<Elem, HD, false>;
     sm90::set_smem(kernel, D::kSmem, where + "dQ kernel: ");

@@ -68,8 +68,35 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
     for (int j = 0; j < 4; ++j) reg_fence(r[i][j]);
 }
 
+// Rows [0, nrows) of a ROWS x COLS part of an SW128 tile (tile rows r0 .., columns c0 ..) to global memory
+// at g (row stride ld elements), columns < d only, by the NT threads of a warpgroup in 8-byte pieces, a
+// warp's stores covering whole rows. The packed-batch epilogues use it instead of a TMA store, whose box
+// would also write the rows after the sequence's last one (the next sequence's). The tile was written with
+// st.shared by these threads and synchronised; d % 8 == 0, so a piece of 4 columns is wholly in or out.
+template <typename Tile, int ROWS, int COLS, int NT, typename Elem>
+__device__ __forceinline__ void store_rows(uint32_t tile, int r0, int c0, Elem* g, int64_t ld, int64_t nrows,
+                                           int64_t d, int ti) {
+  static_assert(COLS % 4 == 0 && (ROWS * COLS / 4) % NT == 0, "whole pieces per thread");
+  constexpr int kPer = COLS / 4;  // 8-byte pieces per row
+#pragma unroll 4
+  for (int x = ti; x < ROWS * kPer; x += NT) {
+    const int r = x / kPer, col = c0 + 4 * (x % kPer);
+    if (r < nrows && col < d)
+      *reinterpret_cast<float2*>(g + r * ld + col) = ld_shared_f32x2(tile + Tile::offset(r0 + r, col));
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Host: tensor maps (the driver entry point: tmap.h).
+
+// Rows and batches of the tensor maps: fixed-length calls map (B, H, S, D) as they are; a packed batch's
+// (total, H, D) tensors (batch stride 0) are one batch of total_q / total_k rows.
+struct MapRows {
+  int64_t q, k, b;
+};
+inline MapRows map_rows(const AttnParams& p) {
+  return p.varlen() ? MapRows{p.total_q, p.total_k, 1} : MapRows{p.sq, p.sk, p.batch};
+}
 
 // A (B, H, S, D) tensor of 2-byte elements (unit stride in D) as a 4-D tensor map {D, S, H, B}, box
 // {64, box_rows, 1, 1}, 128-byte swizzle; loads outside the tensor read zeros, stores there are dropped.

@@ -15,7 +15,8 @@
 //   Ping-pong: the two consumer warpgroups take turns issuing their GEMMs (named barriers 1 and 2), so
 //   one warpgroup's exponentials overlap the other's GEMMs.
 //   Epilogue: O / l in Elem through the warpgroup's rows of the Q tile (st.shared, fence.proxy.async) and
-//   a TMA store (rows past Sq, columns past d are dropped by the tensor map); lse = (m + log2 l) ln 2.
+//   a TMA store (rows past Sq, columns past d are dropped by the tensor map; the last tile of a sequence in
+//   a packed batch goes out by plain stores of its rows instead); lse = (m + log2 l) ln 2.
 // Rows that see no key keep m = -inf, l = 0: O = 0, lse = -inf, no NaN (as in the mma.sync kernels).
 // Softcap and ALiBi (mask.h's ScoreMod) run in a kMod instantiation through score_mod.cuh, as in the
 // mma.sync family.
@@ -95,7 +96,7 @@ __device__ __forceinline__ uint64_t visible_bits(const AttnParams& p, int64_t b,
   const TileVisit cur{tile, partial};
   need = tile_needs_mask(p, cur, b, wrow, wrow + 16, k0, k0 + BN);
   uint64_t vis = 0;
-  if (need && wrow < p.sq) {
+  if (need && wrow < p.seq(b).sq) {
 #pragma unroll 1
     for (int idx = 0; idx < BN / 8 * 4; ++idx) {
       const int64_t row = wrow + g + ((idx >> 1) & 1) * 8;
@@ -188,6 +189,9 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
   const int64_t h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int64_t q0 = qt * C::kBM;
+  // Packed batch: the grid covers max_seqlen_q; a tile past this sequence's rows has nothing to do (the
+  // whole block leaves before any barrier). Fixed length: every tile starts inside Sq.
+  if (q0 >= p.seq(b).sq) return;
   const KeyTiles kts(p, b, h, qt, C::kBM, C::kBN);
   const int n = static_cast<int>(kts.count());
 
@@ -208,6 +212,10 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
     setmaxnreg_dec<C::kProducerRegs>();
     if (tid == 0) {
       const int64_t hk = h / p.group();
+      // Tensor-map coordinates of sequence b: packed tensors are one batch of total rows (common.cuh map_rows).
+      const SeqInfo si = p.seq(b);
+      const int tb = p.varlen() ? 0 : static_cast<int>(b);
+      const int qrow = static_cast<int>(si.q_off + q0), krow = static_cast<int>(si.k_off);
       int tile = -1;
       bool partial = false;
       int it = 0;
@@ -216,24 +224,23 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
           mbar_arrive_expect_tx(barQ, C::kQBytes);
 #pragma unroll
           for (int cb = 0; cb < HD / 64; ++cb)
-            tma_load_4d(sQ + cb * QT::kBlockBytes, &prm.tq, barQ, cb * 64, static_cast<int>(q0), static_cast<int>(h),
-                        static_cast<int>(b));
+            tma_load_4d(sQ + cb * QT::kBlockBytes, &prm.tq, barQ, cb * 64, qrow, static_cast<int>(h), tb);
         }
         const int s = it % C::kStages;
         const uint32_t ph = (it / C::kStages) & 1;
-        const int k0 = tile * C::kBN;
+        const int k0 = krow + tile * C::kBN;
         mbar_wait(empty_k(s), ph ^ 1);  // the first round passes at once (parity of the "preceding" phase)
         mbar_arrive_expect_tx(full_k(s), C::kKVBytes);
 #pragma unroll
         for (int cb = 0; cb < HD / 64; ++cb)
           tma_load_4d(sK + s * C::kKVBytes + cb * KT::kBlockBytes, &prm.tk, full_k(s), cb * 64, k0,
-                      static_cast<int>(hk), static_cast<int>(b));
+                      static_cast<int>(hk), tb);
         mbar_wait(empty_v(s), ph ^ 1);
         mbar_arrive_expect_tx(full_v(s), C::kKVBytes);
 #pragma unroll
         for (int cb = 0; cb < HD / 64; ++cb)
           tma_load_4d(sV + s * C::kKVBytes + cb * KT::kBlockBytes, &prm.tv, full_v(s), cb * 64, k0,
-                      static_cast<int>(hk), static_cast<int>(b));
+                      static_cast<int>(hk), tb);
         ++it;
       }
     }
@@ -389,20 +396,28 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
   }
   fence_proxy_async();
   named_sync(C::kBarEpi + cw, 128);
-  if (ti == 0) {
+  const SeqInfo si = p.seq(b);
+  const int64_t w0 = q0 + 64 * cw;  // the warpgroup's first row within the sequence
+  if (p.varlen() && w0 + 64 > si.sq) {
+    // The last rows of a sequence in a packed batch: the box would also cover the next sequence's first
+    // rows, so rows < Sq_b go out by plain stores. Every other tile goes out whole by TMA.
+    store_rows<QT, 64, HD, 128>(sQ, 64 * cw, 0, static_cast<Elem*>(p.o) + p.o_st.at(0, h, si.q_off + w0), p.o_st.s,
+                                si.sq - w0, p.d, ti);
+  } else if (ti == 0) {
 #pragma unroll
     for (int cb = 0; cb < HD / 64; ++cb)
-      tma_store_4d(&prm.to, sQ + cb * QT::kBlockBytes + 64 * cw * 128, cb * 64, static_cast<int>(q0 + 64 * cw),
-                   static_cast<int>(h), static_cast<int>(b));
+      tma_store_4d(&prm.to, sQ + cb * QT::kBlockBytes + 64 * cw * 128, cb * 64, static_cast<int>(si.q_off + w0),
+                   static_cast<int>(h), p.varlen() ? 0 : static_cast<int>(b));
     bulk_commit();
     bulk_wait_read<0>();
   }
   if (t == 0) {
-    float* lse = static_cast<float*>(p.lse) + b * p.lse_b + h * p.lse_h;
+    // lse: (B, Hq, Sq), or (Hq, total_q) with lse_b = 0 for a packed batch (row q_off + i).
+    float* lse = static_cast<float*>(p.lse) + b * p.lse_b + h * p.lse_h + si.q_off;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = rbase + 8 * r;
-      if (row < p.sq) lse[row] = l[r] > 0.f ? m[r] * 0.6931471805599453f + logf(l[r]) : -INFINITY;
+      if (row < si.sq) lse[row] = l[r] > 0.f ? m[r] * 0.6931471805599453f + logf(l[r]) : -INFINITY;
     }
   }
 }
@@ -422,17 +437,20 @@ void sm90_fwd_run(const AttnParams& p, cudaStream_t stream) {
                                 std::to_string(p.list_tk) + "), expected (" + std::to_string(C::kBM) + ", " +
                                 std::to_string(C::kBN) + ")");
   const int64_t nq = cdiv(p.sq, C::kBM);
-  if (nq > INT_MAX || p.hq > 65535 || p.batch > 65535 || p.sq > INT_MAX || p.sk > INT_MAX)
-    throw std::invalid_argument(where + "problem too large: Sq = " + std::to_string(p.sq) + ", Sk = " +
-                                std::to_string(p.sk) + ", " + std::to_string(p.hq) + " heads, batch " +
+  // Tensor-map rows (int32 coordinates): the call's lengths, or the packed tensors' total rows.
+  const sm90::MapRows mr = sm90::map_rows(p);
+  if (nq > INT_MAX || p.hq > 65535 || p.batch > 65535 || mr.q > INT_MAX || mr.k > INT_MAX)
+    throw std::invalid_argument(where + "problem too large: Sq = " + std::to_string(mr.q) + ", Sk = " +
+                                std::to_string(mr.k) + ", " + std::to_string(p.hq) + " heads, batch " +
                                 std::to_string(p.batch) + " (at most 2^31 - 1 rows, 65535 heads and batch)");
   constexpr bool bf16 = std::is_same<Elem, __nv_bfloat16>::value;
   sm90::FwdParams prm;
   prm.p = p;
-  sm90::make_tmap(&prm.tq, p.q, bf16, p.d, p.sq, p.hq, p.batch, p.q_st, C::kBM, "q");
-  sm90::make_tmap(&prm.tk, p.k, bf16, p.d, p.sk, p.hk, p.batch, p.k_st, C::kBN, "k");
-  sm90::make_tmap(&prm.tv, p.v, bf16, p.d, p.sk, p.hk, p.batch, p.v_st, C::kBN, "v");
-  sm90::make_tmap(&prm.to, p.o, bf16, p.d, p.sq, p.hq, p.batch, p.o_st, 64, "out");
+  // A packed batch is mapped as one batch of total rows (the kernel adds each sequence's offset).
+  sm90::make_tmap(&prm.tq, p.q, bf16, p.d, mr.q, p.hq, mr.b, p.q_st, C::kBM, "q");
+  sm90::make_tmap(&prm.tk, p.k, bf16, p.d, mr.k, p.hk, mr.b, p.k_st, C::kBN, "k");
+  sm90::make_tmap(&prm.tv, p.v, bf16, p.d, mr.k, p.hk, mr.b, p.v_st, C::kBN, "v");
+  sm90::make_tmap(&prm.to, p.o, bf16, p.d, mr.q, p.hq, mr.b, p.o_st, 64, "out");
   auto kernel = p.softcap > 0 || p.alibi ? sm90::fwd_kernel<Elem, HD, true> : sm90::fwd_kernel<Elem, HD, false>;
   sm90::set_smem(kernel, C::kSmem, where);
   const dim3 grid(static_cast<unsigned>(nq), static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
