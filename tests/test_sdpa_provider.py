@@ -206,6 +206,23 @@ def test_unserved_argument_without_pytorch_kernel_names_it(active):
                                                 alibi_slopes=torch.ones(2))
 
 
+def test_head_dim_without_cuda_kernel_falls_back():
+    """The kernels' error for a head dim this build has no CUDA kernel for (ops.cpp checked_tc_head_dim, the
+    dtype in the middle of the sentence) turns into a fallback to PyTorch's kernel; other errors stay."""
+
+    def no_kernel(*args):
+        raise ValueError("q: head dim 40 is not supported by the CUDA torch.bfloat16 kernels of this build: "
+                         "expected D <= 256 with D % 8 == 0 (see fused_attn.build_info())")
+
+    def bad_value(*args):
+        raise ValueError("scale: expected a finite number")
+
+    with pytest.raises(sdpa._Fallback):
+        sdpa._kernel(no_kernel)
+    with pytest.raises(ValueError, match="scale"):
+        sdpa._kernel(bad_value)
+
+
 def test_older_torch_gives_a_clear_message(monkeypatch):
     monkeypatch.delattr(torch.nn.attention, "register_flash_attention_impl")
     monkeypatch.delattr(torch.nn.attention, "activate_flash_attention_impl")
