@@ -73,6 +73,22 @@ def spread_lengths(total: int, lo: int, hi: int, g: torch.Generator) -> list[int
     return lens
 
 
+def cu_seqlens(lens: list[int], device="cpu") -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def padded(cu: torch.Tensor, longest: int, *packed: torch.Tensor) -> list[torch.Tensor]:
+    """Each packed (total, H, D) tensor as the (B, H, longest, D) batch right-padded with zeros."""
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    out = []
+    for src in packed:
+        dst = src.new_zeros(len(bounds), src.shape[1], longest, src.shape[2])
+        for b, (a, e) in enumerate(bounds):
+            dst[b, :, : e - a] = src[a:e].transpose(0, 1)
+        out.append(dst)
+    return out
+
+
 @contextlib.contextmanager
 def forced_sm80():
     """FUSED_ATTN_FORCE_SM80=1 for the calls inside (the library reads it at each call)."""
@@ -108,30 +124,28 @@ def gpu_varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dty
     nb = max(1, n // mean)  # equal-length batch of (about) the same token count
     mk = lambda *shape: torch.randn(*shape, generator=g).to(device=dev, dtype=dtype)  # noqa: E731
     q, k, v = mk(n, h, d), mk(n, h, d), mk(n, h, d)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    cu = cu_seqlens(lens, dev)
     qe, ke, ve = mk(nb, h, mean, d), mk(nb, h, mean, d), mk(nb, h, mean, d)
     que, kue, vue = (t.transpose(1, 2).reshape(nb * mean, h, d) for t in (qe, ke, ve))
     cue = torch.arange(0, nb * mean + 1, mean, dtype=torch.int32, device=dev)
-    qp, kp, vp = (torch.zeros(len(lens), h, longest, d, device=dev, dtype=dtype) for _ in range(3))
-    for b, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        for src, dst in ((q, qp), (k, kp), (v, vp)):
-            dst[b, :, : e - a] = src[a:e].transpose(0, 1)
+    qp, kp, vp = padded(cu, longest, q, k, v)
     tv = torch_varlen()
 
     fv = lambda q_, k_, v_: fused_attn.flash_varlen(q_, k_, v_, cu, cu, max_seqlen_q=longest,  # noqa: E731
                                                     max_seqlen_k=longest, causal=True)
     fve = lambda q_, k_, v_: fused_attn.flash_varlen(q_, k_, v_, cue, cue, max_seqlen_q=mean,  # noqa: E731
                                                      max_seqlen_k=mean, causal=True)
+    fc = lambda q_, k_, v_: fused_attn.flash(q_, k_, v_, causal=True)  # noqa: E731
+    pairs, pairs_equal = sum(causal_pairs(x) for x in lens), nb * causal_pairs(mean)
     impls = {  # name: (function, its inputs, causal pairs per head)
-        "varlen": (fv, (q, k, v), sum(causal_pairs(x) for x in lens)),
-        "varlen-sm80": (fv, (q, k, v), sum(causal_pairs(x) for x in lens)),  # forward and backward forced
-        "flash-equal": (lambda a, b_, c: fused_attn.flash(a, b_, c, causal=True), (qe, ke, ve), nb * causal_pairs(mean)),
-        "varlen-equal": (fve, (que, kue, vue), nb * causal_pairs(mean)),
-        "flash-padded": (lambda a, b_, c: fused_attn.flash(a, b_, c, causal=True), (qp, kp, vp),
-                         sum(causal_pairs(x) for x in lens)),
+        "varlen": (fv, (q, k, v), pairs),
+        "varlen-sm80": (fv, (q, k, v), pairs),  # forward and backward forced
+        "flash-equal": (fc, (qe, ke, ve), pairs_equal),
+        "varlen-equal": (fve, (que, kue, vue), pairs_equal),
+        "flash-padded": (fc, (qp, kp, vp), pairs),
     }
     if tv is not None:
-        impls["torch-varlen"] = (lambda a, b_, c: tv(a, b_, c, cu, longest), (q, k, v), sum(causal_pairs(x) for x in lens))
+        impls["torch-varlen"] = (lambda q_, k_, v_: tv(q_, k_, v_, cu, longest), (q, k, v), pairs)
     got = fv(q, k, v).float()
     with forced_sm80():
         err = (fv(q, k, v).float() - got).abs().max().item()
@@ -161,8 +175,7 @@ def gpu_varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dty
             fns[name] = (lambda name=name, f=f, args=args, bw=passname == "fwd+bwd": call(name, f, args, bw))
         ms = timed(fns, reps)
         for name, t in ms.items():
-            pairs = impls[name][2]
-            fl = 4 * d * h * pairs * (3.5 if passname == "fwd+bwd" else 1)  # backward = 2.5 forwards
+            fl = 4 * d * h * impls[name][2] * (3.5 if passname == "fwd+bwd" else 1)  # backward = 2.5 forwards
             rows.append(dict(group="varlen", impl=name, pass_=passname, ms=t, tflops=fl / t / 1e9, tokens=n,
                              sequences=len(lens), mean_len=mean, max_len=longest, heads=h, d=d,
                              dtype=str(dtype).replace("torch.", ""), pattern="causal"))
@@ -175,22 +188,18 @@ def varlen_case(total: int, lo: int, hi: int, h: int, d: int, reps: int, dtype) 
     n, longest = sum(lens), max(lens)
     mean = round(n / len(lens))
     q, k, v = (torch.randn(n, h, d, generator=g).to(dtype) for _ in range(3))
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    cu = cu_seqlens(lens)
     qm, km, vm = (torch.randn(1, h, mean, d, generator=g).to(dtype) for _ in range(3))
-    pad = torch.zeros(len(lens), h, longest, d, dtype=dtype)
-    qp, kp, vp = pad.clone(), pad.clone(), pad.clone()
-    for b, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        for src, dst in ((q, qp), (k, kp), (v, vp)):
-            dst[b, :, : e - a] = src[a:e].transpose(0, 1)
+    qp, kp, vp = padded(cu, longest, q, k, v)
     fns = {
         "varlen": lambda: fused_attn.flash_varlen(q, k, v, cu, cu, max_seqlen_q=longest, max_seqlen_k=longest,
                                                   causal=True),
         "flash-mean": lambda: fused_attn.flash(qm, km, vm, causal=True),
         "flash-padded": lambda: fused_attn.flash(qp, kp, vp, causal=True),
     }
-    got, padded = fns["varlen"](), fns["flash-padded"]()
+    got, got_padded = fns["varlen"](), fns["flash-padded"]()
     for b, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        err = (got[a:e].transpose(0, 1) - padded[b, :, : e - a]).abs().max().item()
+        err = (got[a:e].transpose(0, 1) - got_padded[b, :, : e - a]).abs().max().item()
         assert err < 1e-4, f"padded peer disagrees with flash_varlen on sequence {b}: {err}"
     ms = timed(fns, reps)
     flops_varlen = 4 * d * h * sum(causal_pairs(x) for x in lens)

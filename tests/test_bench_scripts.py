@@ -26,6 +26,11 @@ def test_varlen_gpu_case_runs_on_cpu():
     assert all(r["ms"] > 0 and r["tflops"] > 0 and r["tokens"] == 600 for r in rows)
 
 
+def test_varlen_cpu_case_runs():
+    rows = varlen_bench.varlen_case(600, 16, 160, 2, 32, 1, torch.float32)  # checks the padded peer itself
+    assert {r["impl"] for r in rows} == {"varlen", "flash-mean", "flash-padded"}
+
+
 def test_varlen_lengths_add_up():
     g = torch.Generator().manual_seed(0)
     lens = varlen_bench.spread_lengths(5000, 64, 700, g)
