@@ -611,6 +611,10 @@ Tensor tma_ready(const Tensor& t) {
   return t;
 }
 
+// What the chosen tensor-core family reads: 16-byte aligned rows, and for the Hopper kernels (hd90 != 0)
+// strides a tensor map can describe.
+Tensor kernel_ready(const Tensor& t, int hd90) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); }
+
 // The Hopper head dim that runs q on its device (0: the mma.sync kernels run; fused_attn/_ops.py's
 // kernel_tiles makes the same choice through bindings.cpp). q is (B, H, S, D), or packed (total, H, D).
 int sm90_head_dim_for(const Tensor& q) {
@@ -623,8 +627,7 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, cons
   check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int hd90 = sm90_head_dim_for(q_in);
-  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
-  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
+  const Tensor q = kernel_ready(q_in, hd90), k = kernel_ready(k_in, hd90), v = kernel_ready(v_in, hd90);
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
@@ -658,13 +661,12 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_in, const Tensor&
   check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int hd90 = sm90_head_dim_for(q_in);
-  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
-  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
+  const Tensor q = kernel_ready(q_in, hd90), k = kernel_ready(k_in, hd90), v = kernel_ready(v_in, hd90);
   check_bwd_shapes(q, dout_in, out_in, lse_in);
   BwdTensors t;
   // dO arrives with whatever strides autograd made (an expanded scalar gradient has stride 0).
-  t.dout = ready(dout_in.to(q.scalar_type()));
-  t.out = ready(out_in);
+  t.dout = kernel_ready(dout_in.to(q.scalar_type()), hd90);
+  t.out = kernel_ready(out_in, hd90);
   t.lse = lse_in.contiguous();
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
   t.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -714,8 +716,7 @@ std::tuple<Tensor, Tensor> varlen_fwd_cuda(const Tensor& q_in, const Tensor& k_i
   check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int hd90 = sm90_head_dim_for(q_in);
-  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
-  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
+  const Tensor q = kernel_ready(q_in, hd90), k = kernel_ready(k_in, hd90), v = kernel_ready(v_in, hd90);
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_type(q)));
   const int hd = is_tc(q) && !hd90 ? checked_tc_head_dim(q) : 0;
@@ -744,16 +745,15 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(const Tensor& dout_in, const 
   check_varlen(q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int hd90 = sm90_head_dim_for(q_in);
-  auto ready = [hd90](const Tensor& t) { return hd90 ? tma_ready(rows_aligned(t)) : rows_aligned(t); };
-  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
+  const Tensor q = kernel_ready(q_in, hd90), k = kernel_ready(k_in, hd90), v = kernel_ready(v_in, hd90);
   TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "dout, out: expected shape ",
                     shape_str(q), ", got ", shape_str(dout_in), " and ", shape_str(out_in));
   TORCH_CHECK_VALUE(lse_in.dim() == 2 && lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0) &&
                         lse_in.scalar_type() == lse_type(q),
                     "lse: expected ", lse_type(q), " of shape (Hq, total_q), got ", shape_str(lse_in));
   BwdTensors t;
-  t.dout = ready(dout_in.to(q.scalar_type()));
-  t.out = ready(out_in);
+  t.dout = kernel_ready(dout_in.to(q.scalar_type()), hd90);
+  t.out = kernel_ready(out_in, hd90);
   t.lse = lse_in.contiguous();
   t.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   t.dk = at::empty_like(k, at::MemoryFormat::Contiguous);

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(BwdCfg<HD>::kThreads, 1) dkdv_kernel(const __g
     if (tid < 32) {
       // Tensor-map coordinates of sequence b (packed: one batch of total rows, common.cuh map_rows).
       const SeqInfo si = p.seq(b);
-      const int tb = p.varlen() ? 0 : static_cast<int>(b);
+      const int tb = map_batch(p, b);
       if (tid == 0) {
         mbar_arrive_expect_tx(barKV, 2 * C::kKVBytes);
 #pragma unroll
@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(DqCfg<HD>::kThreads, 1) dq_kernel(const __grid
   const int64_t q0 = qt * C::TQ;
   const SeqInfo si = p.seq(b);
   if (q0 >= si.sq) return;  // packed batch: a query tile past this sequence's rows
-  const int tb = p.varlen() ? 0 : static_cast<int>(b);  // tensor-map batch (packed: one batch of total rows)
+  const int tb = map_batch(p, b);
   const KeyTiles kts(p, b, h, qt, C::TQ, C::TK);
   const int n = static_cast<int>(kts.count());
 

@@ -97,6 +97,10 @@ struct MapRows {
 inline MapRows map_rows(const AttnParams& p) {
   return p.varlen() ? MapRows{p.total_q, p.total_k, 1} : MapRows{p.sq, p.sk, p.batch};
 }
+// The batch coordinate of sequence b in those maps (its rows then start at SeqInfo::q_off / k_off).
+__device__ __forceinline__ int map_batch(const AttnParams& p, int64_t b) {
+  return p.varlen() ? 0 : static_cast<int>(b);
+}
 
 // A (B, H, S, D) tensor of 2-byte elements (unit stride in D) as a 4-D tensor map {D, S, H, B}, box
 // {64, box_rows, 1, 1}, 128-byte swizzle; loads outside the tensor read zeros, stores there are dropped.

@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
       const int64_t hk = h / p.group();
       // Tensor-map coordinates of sequence b: packed tensors are one batch of total rows (common.cuh map_rows).
       const SeqInfo si = p.seq(b);
-      const int tb = p.varlen() ? 0 : static_cast<int>(b);
+      const int tb = map_batch(p, b);
       const int qrow = static_cast<int>(si.q_off + q0), krow = static_cast<int>(si.k_off);
       int tile = -1;
       bool partial = false;
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
 #pragma unroll
     for (int cb = 0; cb < HD / 64; ++cb)
       tma_store_4d(&prm.to, sQ + cb * QT::kBlockBytes + 64 * cw * 128, cb * 64, static_cast<int>(si.q_off + w0),
-                   static_cast<int>(h), p.varlen() ? 0 : static_cast<int>(b));
+                   static_cast<int>(h), map_batch(p, b));
     bulk_commit();
     bulk_wait_read<0>();
   }
