@@ -101,6 +101,29 @@ def test_softcap_alibi_flash(kw, dtype):
     check_all(q.to(dtype), k.to(dtype), v.to(dtype), **kw)
 
 
+@pytest.mark.parametrize("cap", [30.0, 50.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_large_cap_fp32(cap, causal):
+    """Caps of the size models use (30, 50) with scores far below them: the capped score is nearly the score,
+    so tanh must be accurate relative to itself near 0 (1 - 2 / (1 + e^2u) was not: its absolute error times a
+    cap of 50 broke the rule on dK). 30 takes the forward's fixed-max path (cap <= 43.3), 50 the running max."""
+    from conftest import check_all
+
+    for seed, mult in ((9, 1.0), (10, 1.0), (9, 8.0)):
+        q, k, v = make_qkv(2, 4, 2, 77, 130, 64, seed=seed)
+        check_all((q * mult).float(), k.float(), v.float(), softcap=cap, causal=causal)
+
+
+def test_softcap_rows_that_see_nothing():
+    """Sq > Sk causal: the first rows see no key; with the fixed max (cap 30) they still give 0 and -inf."""
+    from conftest import check_all
+
+    q, k, v = make_qkv(1, 2, 1, 150, 100, 32, seed=4)
+    out, lse = fused_attn.flash(q.float(), k.float(), v.float(), causal=True, softcap=30.0, return_lse=True)
+    assert (out[:, :, :50] == 0).all() and torch.isneginf(lse[:, :, :50]).all()
+    check_all(q.float(), k.float(), v.float(), causal=True, softcap=30.0)
+
+
 def test_softcap_changes_the_result():
     """The cap is not silently ignored: a small cap changes the output."""
     q, k, v = make_qkv(1, 2, 2, 33, 33, 16, seed=2)

@@ -247,9 +247,39 @@ FA_CPU_INLINE void store_n(float* p, F v, int64_t n) {
   else
     store_part(p, v, n);
 }
+// a > b ? a : b and a < b ? a : b (the second operand where either is NaN), as one maxps / minps: GCC lowers
+// the vector ternary to a compare and a blend. Inline assembly: the builtins of an ISA the translation unit is
+// not compiled for are not declared, and each width is only ever inlined into the entry point of its own ISA
+// (FA_CPU_BY_WIDTH).
 template <typename F>
 FA_CPU_INLINE F vmax(F a, F b) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  F r;
+  if constexpr (width<F> == 16)
+    asm("vmaxps %2, %1, %0" : "=v"(r) : "v"(a), "vm"(b));
+  else if constexpr (width<F> == 8)
+    asm("vmaxps %2, %1, %0" : "=x"(r) : "x"(a), "xm"(b));
+  else
+    asm("maxps %2, %0" : "=x"(r) : "0"(a), "x"(b));
+  return r;
+#else
   return a > b ? a : b;
+#endif
+}
+template <typename F>
+FA_CPU_INLINE F vmin(F a, F b) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  F r;
+  if constexpr (width<F> == 16)
+    asm("vminps %2, %1, %0" : "=v"(r) : "v"(a), "vm"(b));
+  else if constexpr (width<F> == 8)
+    asm("vminps %2, %1, %0" : "=x"(r) : "x"(a), "xm"(b));
+  else
+    asm("minps %2, %0" : "=x"(r) : "0"(a), "x"(b));
+  return r;
+#else
+  return a < b ? a : b;
+#endif
 }
 // 0, 1, 2, ... W - 1
 template <typename F>
@@ -298,13 +328,18 @@ FA_CPU_INLINE float hsum(F v) {
 // The kernels work in base 2 (scores pre-scaled by log2(e), as FlashAttention does), which saves the
 // two-constant ln2 range reduction. n = round(x) through the 1.5 * 2^23 trick (the low bits of t hold n),
 // f = x - n in [-0.5, 0.5], 2^f by a degree-6 polynomial (relative-error fit, 1e-7 max in fp32 with
-// rounding), and 2^n added straight into the exponent bits. ~15 vector ops per vector, against ~24 for a
-// natural-base Cephes exp with clamps.
-template <typename F>
+// rounding), and 2^n added straight into the exponent bits. ~14 vector ops per vector, against ~24 for a
+// natural-base Cephes exp with clamps. kClampHigh = false where x <= 0 is known (x = score - row max in the
+// softmax steps, x = score - lse in the backward): one min less. kExactZero = false where any value below
+// 2^-125 does as well as 0 (inside the softcap's tanh): the input is clamped to [-125, 127] instead of
+// masked, one operation less, and the result is never subnormal.
+template <typename F, bool kClampHigh = true, bool kExactZero = true>
 FA_CPU_INLINE F exp2(F x) {
   using I = int_of<F>;
-  const I keep = x >= (F{} + -125.0f);
-  x = x < (F{} + 127.0f) ? x : (F{} + 127.0f);
+  I keep{};
+  if constexpr (kExactZero) keep = x >= (F{} + -125.0f);
+  if constexpr (kClampHigh) x = vmin(x, F{} + 127.0f);
+  if constexpr (!kExactZero) x = vmax(x, F{} + -125.0f);
   const F magic = F{} + 12582912.0f;
   const F t = x + magic;
   const F f = x - (t - magic);
@@ -316,7 +351,15 @@ FA_CPU_INLINE F exp2(F x) {
   y = y * f + 6.931472027e-1f;
   y = y * f + 1.0f;
   const I bits = (I)y + ((I)t << 23);
-  return (F)(bits & keep);
+  if constexpr (kExactZero)
+    return (F)(bits & keep);
+  else
+    return (F)bits;
+}
+// 2^x for x <= 0 (or -inf, NaN: 0).
+template <typename F>
+FA_CPU_INLINE F exp2_nonpos(F x) {
+  return exp2<F, false, true>(x);
 }
 
 // The ISA level the width-dispatched kernels run at: 4 (x86-64-v4), 3 (x86-64-v3) or 1 (anything else),
@@ -371,43 +414,51 @@ inline int isa_level() {
 // natural-unit scores s = scale * q.k and leaves as x = log2(e) * (cap * tanh(s / cap)); without one it
 // holds x = log2(e) * s already. Then ALiBi subtracts log2(e) * slope * |i + offset - j|. With dmod non-null
 // (the backward), dmod gets d(capped)/ds = 1 - tanh^2 at the same positions (ld shared with s).
-// tanh(y) = sign(y) (1 - e) / (1 + e) with e = 2^(-2 log2(e) |y|), on the vector exp2 above: a libm tanh
-// per score cost as much as the whole forward.
+// tanh by vec::tanh_of_exp below: a libm tanh per score cost as much as the whole forward.
 
-// The modifiers on one vector of a line: y <- cap_mul * tanh(y * inv_cap) (when inv_cap > 0), then
-// y -= a * |dstart + step * lane| (when a != 0); -inf stays -inf (masked scores stay masked). g, when
-// non-null, gets d(capped)/dy = 1 - tanh^2. Always inlined, so it is compiled for each ISA entry point of its
-// caller (a lambda or an out-of-line helper would be compiled for the baseline ISA only).
+// The modifiers on one vector of a line: y <- cap_mul * tanh(y / cap) (when there is a cap; xk =
+// cap_arg_scale(1 / cap)), then y -= a * |dstart + step * lane| (when a != 0); -inf stays -inf (masked scores
+// stay masked). g, when non-null, gets d(capped)/dy = 1 - tanh^2. Always inlined, so it is compiled for
+// each ISA entry point of its caller (a lambda or an out-of-line helper would be compiled for the baseline ISA
+// only).
 namespace vec {
 template <typename F>
 FA_CPU_INLINE F alibi_dist(float dstart, float step) {
   const F dd = splat<F>(dstart) + iota<F>() * step;
   return (F)((int_of<F>)dd & splat_i<F>(0x7fffffff));  // |dd| by clearing the sign bit
 }
-// 1 / x for x in [1, 2^127]: the ISA's reciprocal estimate and one Newton step (relative error ~1e-7). A
-// division's latency (11+ cycles) was the softcap step's bottleneck (perf: a quarter of its samples).
+
+// The tanh's exponent per natural-unit score: score_mod_k's input is cap_arg_scale(1 / cap) * s.
+inline double cap_arg_scale(double inv_cap) { return 2.0 * 1.4426950408889634074 * inv_cap; }
+
+// tanh(u) from x = 2 log2(e) u, as E / (E + 2) with E = e^(2u) - 1 = 2^x - 1, accurate relative to tanh(u)
+// itself for small u as for large (~3 ulp): 1 - 2 / (1 + e^(2u)) loses that near 0, where its absolute error
+// (~1e-7) times a cap of 50 moved the scores 30x more than PyTorch's fp32 tanh does. E is computed without
+// the cancellation of 2^x - 1: x = n + f (f in [-0.5, 0.5]), 2^f - 1 = f q(f) (q of degree 5, a relative-error
+// fit, 1.2e-7 in fp32), E = 2^n (f q) + (2^n - 1), exact for n = 0. |x| is clamped at 30, where tanh is 1 in
+// fp32, so -inf and NaN come out as -1 and 1 (callers restore masked -inf).
 template <typename F>
-FA_CPU_INLINE F recip(F x) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  // Inline assembly: the builtins of an ISA the translation unit is not compiled for are not declared, and
-  // each width is only ever inlined into the entry point of its own ISA (FA_CPU_BY_WIDTH).
-  F r;
-  if constexpr (width<F> == 16)
-    asm("vrcp14ps %1, %0" : "=v"(r) : "v"(x));
-  else if constexpr (width<F> == 8)
-    asm("vrcpps %1, %0" : "=x"(r) : "x"(x));
-  else
-    asm("rcpps %1, %0" : "=x"(r) : "x"(x));
-  return r * (splat<F>(2.0f) - x * r);
-#else
-  return splat<F>(1.0f) / x;
-#endif
+FA_CPU_INLINE F tanh_of_exp(F x) {
+  using I = int_of<F>;
+  x = vmax(vmin(x, splat<F>(30.0f)), splat<F>(-30.0f));
+  const F magic = splat<F>(12582912.0f);
+  const F t = x + magic;
+  const F f = x - (t - magic);
+  F q = splat<F>(1.5403502038680017e-4f);
+  q = q * f + 1.3390736421570182e-3f;
+  q = q * f + 9.618237614631653e-3f;
+  q = q * f + 5.550357326865196e-2f;
+  q = q * f + 2.4022649228572845e-1f;
+  q = q * f + 6.931471824645996e-1f;
+  const F pw = (F)(((I)t << 23) + splat_i<F>(0x3f800000));  // 2^n
+  const F e = pw * (f * q) + (pw - 1.0f);
+  return e / (e + 2.0f);
 }
 
 // The modifiers with the choices fixed at compile time (kCap: a softcap, kAlibi: an ALiBi bias, kMask: the
 // input may hold -inf, which must stay -inf), so the per-vector loops carry no branches.
 template <typename F, bool kCap, bool kAlibi, bool kMask>
-FA_CPU_INLINE F score_mod_k(F y, float inv_cap, float cap_mul, float a, float dstart, float step, F* g) {
+FA_CPU_INLINE F score_mod_k(F y, float xk, float cap_mul, float a, float dstart, float step, F* g) {
   if constexpr (!kCap) {  // -inf minus a finite bias stays -inf, no select needed
     if (g) *g = splat<F>(1.0f);
     return kAlibi ? y - a * alibi_dist<F>(dstart, step) : y;
@@ -415,12 +466,9 @@ FA_CPU_INLINE F score_mod_k(F y, float inv_cap, float cap_mul, float a, float ds
     const float ninf = -std::numeric_limits<float>::infinity();
     int_of<F> masked{};
     if constexpr (kMask) masked = y == splat<F>(ninf);
-    // tanh(u) = 1 - 2 / (1 + e^(2u)), u = y / cap: it saturates to -1 and +1 by itself (e^(2u) -> 0, or the
-    // exp2's clamp at 2^127), so no sign or absolute-value steps. Its absolute error near u = 0 is that of
-    // 1 - r (~6e-8), the order of the fp32 rounding of the capped score itself.
-    const F r = recip(splat<F>(1.0f) + exp2(y * (2.0f * 1.4426950408889634f * inv_cap)));
-    if (g) *g = (r * 4.0f) * (splat<F>(1.0f) - r);  // 1 - tanh^2 = 4 r (1 - r)
-    y = cap_mul - (2.0f * cap_mul) * r;
+    const F th = tanh_of_exp(y * xk);
+    if (g) *g = splat<F>(1.0f) - th * th;
+    y = cap_mul * th;
     if constexpr (kAlibi) y -= a * alibi_dist<F>(dstart, step);
     if constexpr (kMask) y = masked ? splat<F>(ninf) : y;
     return y;
@@ -434,8 +482,9 @@ template <typename F, bool kCap, bool kAlibi, bool kFull>
 FA_CPU_INLINE void mod_row_vec(float* x, int64_t n, float inv_cap, float cap_mul, float a, float dstart, float step,
                                float* dmod) {
   F g;
-  const F y = vec::score_mod_k<F, kCap, kAlibi, true>(vec::load_n<F, kFull>(x, n, 0.0f), inv_cap, cap_mul, a, dstart,
-                                                       step, dmod ? &g : nullptr);
+  const F y = vec::score_mod_k<F, kCap, kAlibi, true>(vec::load_n<F, kFull>(x, n, 0.0f),
+                                                       static_cast<float>(vec::cap_arg_scale(inv_cap)), cap_mul, a,
+                                                       dstart, step, dmod ? &g : nullptr);
   vec::store_n<F, kFull>(x, y, n);
   if (dmod) vec::store_n<F, kFull>(dmod, g, n);
 }
@@ -502,8 +551,7 @@ inline void mod_row(double* x, int64_t n, double inv_cap, double cap_mul, double
 // x = log2(e) * s already. Then ALiBi subtracts log2(e) * slope * |i + offset - j|. Entries already masked
 // to -inf stay -inf. With dmod non-null (the backward), dmod gets d(capped)/ds = 1 - tanh^2 at the same
 // positions (ld shared with s). Rows are query rows q0.. (transposed = false) or key rows k0.. (transposed
-// = true, the backward's layout). tanh(y) = sign(y) (1 - e) / (1 + e) with e = 2^(-2 log2(e) |y|), on the
-// vector exp2 above.
+// = true, the backward's layout). fp32 through vec::tanh_of_exp, fp64 through std::tanh.
 template <typename T>
 void score_mod_tile(const ScoreMod& mod, int64_t q0, int64_t qn, int64_t k0, int64_t kn, T* s, int64_t ld,
                     bool transposed, T* dmod) {
@@ -527,25 +575,41 @@ void score_mod_tile(const ScoreMod& mod, int64_t q0, int64_t qn, int64_t k0, int
 
 // With a score modifier (fwd.cpp passes `mod` for tiles of a ScoreMod-active call), the first pass over
 // each row applies vec::score_mod_k in registers and stores the result before the second pass reads it,
-// instead of a separate pass over the tile: one read and one write of the tile less.
+// instead of a separate pass over the tile: one read and one write of the tile less. (Pre-scaling K^T / Q^T to
+// the tanh's exponent would save score_mod_k's multiply, but the forward's K^T and the backward's Q^T then
+// round differently: the backward's recomputed P missed the forward's lse by enough to fail the accuracy rule
+// on dV at a cap of 50. Pre-scaled by scale alone, as now, they agree.)
+//
+// A softcap without ALiBi bounds every score to [-cap_mul, cap_mul] (base 2). When 2 cap_mul <= 125 (cap <=
+// 43.3) the bound itself serves as every row's running max (m_fixed): 2^(y - cap_mul) lies in [2^-125, 1],
+// never above 1 (as with the true max) and never below the normal range, so the result is the same softmax,
+// and the forward skips the max scan, never rescales its accumulator (alpha = 1 after the first tile) and
+// calls no exp2 for alpha. A larger cap, or ALiBi (its bias is unbounded below), takes the running max.
 struct RowMod {
-  float inv_cap = 0.0f, cap_mul = 0.0f, a = 0.0f;
+  float xk = 0.0f, cap_mul = 0.0f, a = 0.0f;  // xk = vec::cap_arg_scale(1 / cap) > 0: a softcap
   float d0 = 0.0f;      // distance i + offset - j at row 0, column 0; +1 per row, -1 per column
   bool masked = true;   // the tile may hold masked (-inf) scores
+  float m_fixed = -std::numeric_limits<float>::infinity();  // finite: every row's max (above)
   // The tile's modifiers for a tile at query row q0, key k0 (base 2, as score_mod_tile).
   static RowMod of(const ScoreMod& mod, int64_t q0, int64_t k0, bool masked) {
     constexpr double kL2e = 1.4426950408889634074;
-    return RowMod{mod.cap > 0 ? static_cast<float>(mod.inv_cap) : 0.0f, static_cast<float>(kL2e * mod.cap),
-                  static_cast<float>(kL2e * mod.slope), static_cast<float>(q0 + mod.offset - k0), masked};
+    RowMod r{mod.cap > 0 ? static_cast<float>(vec::cap_arg_scale(mod.inv_cap)) : 0.0f,
+             static_cast<float>(kL2e * mod.cap), static_cast<float>(kL2e * mod.slope),
+             static_cast<float>(q0 + mod.offset - k0), masked};
+    if (mod.cap > 0 && r.a == 0.0f && 2.0f * r.cap_mul <= 125.0f) r.m_fixed = r.cap_mul;
+    return r;
   }
-  // Which instance of the modifier loops runs: 4 softcap | 2 ALiBi | 1 masked.
-  int kind() const { return (inv_cap > 0.0f ? 4 : 0) | (a != 0.0f ? 2 : 0) | (masked ? 1 : 0); }
+  // Which instance of the modifier loops runs: 8 fixed max | 4 softcap | 2 ALiBi | 1 masked.
+  int kind() const {
+    return (m_fixed > -std::numeric_limits<float>::infinity() ? 8 : 0) | (xk > 0.0f ? 4 : 0) | (a != 0.0f ? 2 : 0) |
+           (masked ? 1 : 0);
+  }
 };
 
-// The first pass over a row with modifiers: y = mod(s) stored back, returns the running max vector. Two
-// vectors per step: the softcap's chain (exp2, reciprocal) is long, and two independent ones keep the
-// pipes busy.
-template <typename F, bool kCap, bool kAlibi, bool kMask>
+// The first pass over a row with modifiers: y = mod(s) stored back, returns the running max vector (kMax;
+// else -inf). Two vectors per step: the softcap's chain (expm1, division) is long, and two independent ones
+// keep the pipes busy.
+template <typename F, bool kCap, bool kAlibi, bool kMask, bool kMax = true>
 FA_CPU_INLINE F mod_max_row(float* row, int64_t cols, const RowMod& md, float dr) {
   constexpr int W = vec::width<F>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -553,26 +617,28 @@ FA_CPU_INLINE F mod_max_row(float* row, int64_t cols, const RowMod& md, float dr
   F vm0 = vec::splat<F>(kNegInf), vm1 = vm0;
   int64_t c = 0;
   for (; c + 2 * W <= cv; c += 2 * W) {
-    const F y0 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c), md.inv_cap, md.cap_mul, md.a,
+    const F y0 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c), md.xk, md.cap_mul, md.a,
                                                           dr - static_cast<float>(c), -1.0f, nullptr);
-    const F y1 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c + W), md.inv_cap, md.cap_mul, md.a,
+    const F y1 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c + W), md.xk, md.cap_mul, md.a,
                                                           dr - static_cast<float>(c + W), -1.0f, nullptr);
     vec::store(row + c, y0);
     vec::store(row + c + W, y1);
-    vm0 = vec::vmax(vm0, y0);
-    vm1 = vec::vmax(vm1, y1);
+    if constexpr (kMax) {
+      vm0 = vec::vmax(vm0, y0);
+      vm1 = vec::vmax(vm1, y1);
+    }
   }
   for (; c < cv; c += W) {
-    const F y = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c), md.inv_cap, md.cap_mul, md.a,
+    const F y = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c), md.xk, md.cap_mul, md.a,
                                                          dr - static_cast<float>(c), -1.0f, nullptr);
     vec::store(row + c, y);
-    vm0 = vec::vmax(vm0, y);
+    if constexpr (kMax) vm0 = vec::vmax(vm0, y);
   }
   if (cv < cols) {  // the missing lanes read as -inf and must stay -inf: kMask
-    const F y = vec::score_mod_k<F, kCap, kAlibi, true>(vec::load_part<F>(row + cv, cols - cv, kNegInf), md.inv_cap,
+    const F y = vec::score_mod_k<F, kCap, kAlibi, true>(vec::load_part<F>(row + cv, cols - cv, kNegInf), md.xk,
                                                         md.cap_mul, md.a, dr - static_cast<float>(cv), -1.0f, nullptr);
     vec::store_part(row + cv, y, cols - cv);
-    vm0 = vec::vmax(vm0, y);
+    if constexpr (kMax) vm0 = vec::vmax(vm0, y);
   }
   return vec::vmax(vm0, vm1);
 }
@@ -590,6 +656,8 @@ FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, i
       const RowMod md = *mod;  // a local copy: stores to the row cannot alias it, so nothing is reloaded
       const float dr = md.d0 + static_cast<float>(r);
       switch (md.kind()) {
+        case 13: mod_max_row<F, true, false, true, false>(row, cols, md, dr); vm = vec::splat<F>(md.m_fixed); break;
+        case 12: mod_max_row<F, true, false, false, false>(row, cols, md, dr); vm = vec::splat<F>(md.m_fixed); break;
         case 7: vm = mod_max_row<F, true, true, true>(row, cols, md, dr); break;
         case 6: vm = mod_max_row<F, true, true, false>(row, cols, md, dr); break;
         case 5: vm = mod_max_row<F, true, false, true>(row, cols, md, dr); break;
@@ -609,12 +677,12 @@ FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, i
     const F vsub = vec::splat<F>(m_use);
     F vs = vec::splat<F>(0.0f);
     for (int64_t c = 0; c < cv; c += W) {
-      const F e = vec::exp2(vec::load<F>(row + c) - vsub);
+      const F e = vec::exp2_nonpos(vec::load<F>(row + c) - vsub);
       vec::store(row + c, e);
       vs += e;
     }
     if (cv < cols) {
-      const F e = vec::exp2(vec::load_part<F>(row + cv, cols - cv, kNegInf) - vsub);
+      const F e = vec::exp2_nonpos(vec::load_part<F>(row + cv, cols - cv, kNegInf) - vsub);
       vec::store_part(row + cv, e, cols - cv);
       vs += e;
     }
@@ -671,8 +739,8 @@ FA_CPU_INLINE void probs_dsoft_vec(float* srow, float* drow, int64_t n, const fl
   F y = vec::load_n<F, kFull>(srow, n, 0.0f);
   F g;
   if constexpr (kCap || kAlibi)
-    y = vec::score_mod_k<F, kCap, kAlibi, kMask>(y, md.inv_cap, md.cap_mul, md.a, dstart, 1.0f, kCap ? &g : nullptr);
-  const F pr = vec::exp2(y - vec::load_n<F, kFull>(lse_adj, n, 0.0f));
+    y = vec::score_mod_k<F, kCap, kAlibi, kMask>(y, md.xk, md.cap_mul, md.a, dstart, 1.0f, kCap ? &g : nullptr);
+  const F pr = vec::exp2_nonpos(y - vec::load_n<F, kFull>(lse_adj, n, 0.0f));
   F ds = (pr * scale) * (vec::load_n<F, kFull>(drow, n, 0.0f) - vec::load_n<F, kFull>(delta, n, 0.0f));
   if constexpr (kCap) ds *= g;
   vec::store_n<F, kFull>(srow, pr, n);
@@ -694,7 +762,7 @@ template <typename F>
 FA_CPU_INLINE void probs_dsoft_f32_body(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld,
                                         const float* lse_adj, const float* delta, float scale, const RowMod* mod) {
   const RowMod md = mod ? *mod : RowMod{};
-  const int kind = mod ? md.kind() : 0;
+  const int kind = mod ? md.kind() & 7 : 0;  // the fixed max (8) is the forward's
   for (int64_t r = 0; r < rows; ++r) {
     float* srow = s + r * ld;
     float* drow = dp + r * ld;
