@@ -107,8 +107,11 @@ void bwd_impl(const AttnParams& p) {
   auto kbuf = [&](int64_t b, int64_t h, int64_t ki) { return (koff[b] * hk + h * nkt[b] + ki) * kblk; };
   auto rbuf = [&](int64_t b, int64_t h) { return roff[b] * hq + h * seqs[b].sq; };  // lse_adj rows
   const int64_t qtotal = qoff[nb] * hq * qblk;
-  std::unique_ptr<T[]> qt(new T[qtotal]), dot(new T[qtotal]), kt(new T[koff[nb] * hk * kblk]);
-  std::unique_ptr<T[]> lse_adj(new T[roff[nb] * hq]);
+  // Per-call copies as large as Q, dO and K: the calling thread's kept buffers (tile_math.h thread_buffer).
+  T* const qt = cpu::thread_buffer<T, 0>(qtotal);
+  T* const dot = cpu::thread_buffer<T, 1>(qtotal);
+  T* const kt = cpu::thread_buffer<T, 2>(koff[nb] * hk * kblk);
+  T* const lse_adj = cpu::thread_buffer<T, 3>(roff[nb] * hq);
   at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
     for (int64_t bh = beg; bh < end; ++bh) {
       const int64_t b = bh / hq, h = bh % hq;
@@ -116,7 +119,7 @@ void bwd_impl(const AttnParams& p) {
       const int64_t row0 = b * p.lse_b + h * p.lse_h + si.q_off;
       const T* lrow = lse + row0;
       T* drow = delta + row0;
-      T* arow = lse_adj.get() + rbuf(b, h);
+      T* arow = lse_adj + rbuf(b, h);
       // lse / delta rows are contiguous: row i sits at offset i.
       cpu::row_dots(o + p.o_st.at(b, h, si.q_off), p.o_st.s, dout + p.do_st.at(b, h, si.q_off), p.do_st.s, si.sq,
                     d, drow);
@@ -127,9 +130,9 @@ void bwd_impl(const AttnParams& p) {
       }
       for (int64_t qi = 0; qi < nqt[b]; ++qi) {
         const int64_t q0 = qi * tq, qn = imin(tq, si.sq - q0);
-        cpu::transpose_scaled(q + p.q_st.at(b, h, si.q_off + q0), p.q_st.s, qn, d, qt.get() + qbuf(b, h, qi), tq,
+        cpu::transpose_scaled(q + p.q_st.at(b, h, si.q_off + q0), p.q_st.s, qn, d, qt + qbuf(b, h, qi), tq,
                               qscale);
-        cpu::transpose_scaled(dout + p.do_st.at(b, h, si.q_off + q0), p.do_st.s, qn, d, dot.get() + qbuf(b, h, qi),
+        cpu::transpose_scaled(dout + p.do_st.at(b, h, si.q_off + q0), p.do_st.s, qn, d, dot + qbuf(b, h, qi),
                               tq, T(1));
       }
     }
@@ -139,14 +142,14 @@ void bwd_impl(const AttnParams& p) {
       const int64_t b = bh / hk, h = bh % hk;
       for (int64_t ki = 0; ki < nkt[b]; ++ki) {
         const int64_t k0 = ki * tk, kn = imin(tk, seqs[b].sk - k0);
-        cpu::transpose_scaled(k + p.k_st.at(b, h, seqs[b].k_off + k0), p.k_st.s, kn, d, kt.get() + kbuf(b, h, ki),
+        cpu::transpose_scaled(k + p.k_st.at(b, h, seqs[b].k_off + k0), p.k_st.s, kn, d, kt + kbuf(b, h, ki),
                               tk, T(1));
       }
     }
   });
 
   const int64_t nchunk = pick_chunks(nb * hk, max_nkt, qtotal);
-  std::unique_ptr<T[]> dqt(new T[nchunk * qtotal]);
+  T* const dqt = cpu::thread_buffer<T, 4>(nchunk * qtotal);
 
   // Tasks: t = (b * hk + kvh) * nchunk + c; cost = query tiles visited.
   const int64_t ntasks = nb * hk * nchunk;
@@ -178,7 +181,7 @@ void bwd_impl(const AttnParams& p) {
     T* dva = w.dv.get();
     T* dmod = w.dmod.get();
     // This task's dQ^T blocks: chunk c, batch b, the group's query heads (contiguous).
-    T* dqt_c = dqt.get() + c * qtotal;
+    T* dqt_c = dqt + c * qtotal;
     T* grp_beg = dqt_c + qbuf(b, kvh * grp, 0);
     std::fill(grp_beg, grp_beg + grp * nqt[b] * qblk, T(0));
 
@@ -200,25 +203,25 @@ void bwd_impl(const AttnParams& p) {
           const int64_t row0 = b * p.lse_b + h * p.lse_h + si.q_off + q0;
 
           const int64_t qo = qbuf(b, h, vis.tile);
-          cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt.get() + qo, tq, st, tq, false);
+          cpu::gemm(kn, qn, d, ktile, p.k_st.s, qt + qo, tq, st, tq, false);
           const bool masked = tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn);
           if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, st, tq, true);
-          cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot.get() + qo, tq, dpt, tq, false);
+          cpu::gemm(kn, qn, d, vtile, p.v_st.s, dot + qo, tq, dpt, tq, false);
           if constexpr (std::is_same_v<T, float>) {
             // fp32: the modifiers and the cap's chain rule run inside the P / dS pass (tile_math.h)
             const cpu::RowMod rm = cpu::RowMod::of(mod, q0, k0, masked);
-            cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale,
+            cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj + rbuf(b, h) + q0, delta + row0, scale,
                              mod.active() ? &rm : nullptr);
           } else {
             if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, st, tq, true, dmod);
-            cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj.get() + rbuf(b, h) + q0, delta + row0, scale);
+            cpu::probs_dsoft(st, dpt, kn, qn, tq, lse_adj + rbuf(b, h) + q0, delta + row0, scale);
             if (capped)  // chain rule through the cap: dS_raw = dS_capped * (1 - tanh^2)
               for (int64_t r = 0; r < kn; ++r)
                 for (int64_t cc = 0; cc < qn; ++cc) dpt[r * tq + cc] *= dmod[r * tq + cc];
           }
           cpu::gemm(kn, d, qn, st, tq, dout + p.do_st.at(b, h, si.q_off + q0), p.do_st.s, dva, d, started);
           cpu::gemm(kn, d, qn, dpt, tq, q + p.q_st.at(b, h, si.q_off + q0), p.q_st.s, dka, d, started);
-          cpu::gemm(d, qn, kn, kt.get() + kbuf(b, kvh, kti), tk, dpt, tq, dqt_c + qo, tq, true);
+          cpu::gemm(d, qn, kn, kt + kbuf(b, kvh, kti), tk, dpt, tq, dqt_c + qo, tq, true);
           started = true;
         }
       }
@@ -250,7 +253,7 @@ void bwd_impl(const AttnParams& p) {
         bool first = true;
         for (int64_t c = 0; c < nchunk; ++c) {
           if (c >= nkt[b]) break;
-          cpu::transpose_scaled(dqt.get() + c * qtotal + qbuf(b, h, qi), tq, d, qn, dst, p.dq_st.s, T(1), !first);
+          cpu::transpose_scaled(dqt + c * qtotal + qbuf(b, h, qi), tq, d, qn, dst, p.dq_st.s, T(1), !first);
           first = false;
         }
         if (first)

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -74,6 +75,24 @@ void run_tasks(const std::vector<int64_t>& cost, Make make, Body body, const std
     auto scratch = make();
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(scratch, order[t]);
   });
+}
+
+// A scratch buffer of the calling thread kept from call to call, grown when a call needs more (contents
+// undefined). For the per-call copies of K^T and V, which for a packed batch are as large as K and V
+// themselves: a fresh buffer above glibc's mmap threshold (32 MiB at most) is mapped and zero-filled page by
+// page on every call, which took 5% of a 32k-token packed forward in page faults. Held until the thread
+// ends, like the caching allocators of the GPU side; at most the size of the largest call's K and V per slot.
+// A slot is live only inside one kernel call, and a kernel call never calls another one.
+template <typename T, int kSlot>
+T* thread_buffer(int64_t n) {
+  thread_local std::unique_ptr<T[]> buf;
+  thread_local int64_t cap = 0;
+  if (cap < n) {
+    buf.reset();
+    buf.reset(new T[n]);
+    cap = n;
+  }
+  return buf.get();
 }
 
 // Leading dimension for a pre-transposed (D x S) buffer: S rounded up to 16 plus 16 elements, so that
