@@ -107,11 +107,15 @@ void bwd_impl(const AttnParams& p) {
   auto kbuf = [&](int64_t b, int64_t h, int64_t ki) { return (koff[b] * hk + h * nkt[b] + ki) * kblk; };
   auto rbuf = [&](int64_t b, int64_t h) { return roff[b] * hq + h * seqs[b].sq; };  // lse_adj rows
   const int64_t qtotal = qoff[nb] * hq * qblk;
-  // Per-call copies as large as Q, dO and K: the calling thread's kept buffers (tile_math.h thread_buffer).
-  T* const qt = cpu::thread_buffer<T, 0>(qtotal);
-  T* const dot = cpu::thread_buffer<T, 1>(qtotal);
-  T* const kt = cpu::thread_buffer<T, 2>(koff[nb] * hk * kblk);
-  T* const lse_adj = cpu::thread_buffer<T, 3>(roff[nb] * hq);
+  // Per-call copies as large as Q, dO and K: the calling thread's kept buffers (tile_math.h ThreadScratch).
+  const cpu::ThreadScratch<T, 0> qt_buf(qtotal);
+  const cpu::ThreadScratch<T, 1> dot_buf(qtotal);
+  const cpu::ThreadScratch<T, 2> kt_buf(koff[nb] * hk * kblk);
+  const cpu::ThreadScratch<T, 3> lse_buf(roff[nb] * hq);
+  T* const qt = qt_buf.get();
+  T* const dot = dot_buf.get();
+  T* const kt = kt_buf.get();
+  T* const lse_adj = lse_buf.get();
   at::parallel_for(0, nb * hq, 1, [&](int64_t beg, int64_t end) {
     for (int64_t bh = beg; bh < end; ++bh) {
       const int64_t b = bh / hq, h = bh % hq;
@@ -149,7 +153,8 @@ void bwd_impl(const AttnParams& p) {
   });
 
   const int64_t nchunk = pick_chunks(nb * hk, max_nkt, qtotal);
-  T* const dqt = cpu::thread_buffer<T, 4>(nchunk * qtotal);
+  const cpu::ThreadScratch<T, 4> dqt_buf(nchunk * qtotal);
+  T* const dqt = dqt_buf.get();
 
   // Tasks: t = (b * hk + kvh) * nchunk + c; cost = query tiles visited.
   const int64_t ntasks = nb * hk * nchunk;

@@ -62,7 +62,8 @@ void fwd_impl(const AttnParams& p) {
     ldk[b] = cpu::padded_ld(seqs[b].sk);
     kt_off[b + 1] = kt_off[b] + hk * d * ldk[b];
   }
-  T* const kt = cpu::thread_buffer<T, 0>(kt_off[nb]);
+  const cpu::ThreadScratch<T, 0> kt_buf(kt_off[nb]);
+  T* const kt = kt_buf.get();
   // Rows further apart than D (a (B, S, H, D) view, a packed batch: H * D apart) are copied to contiguous rows
   // for the GEMMs: V here beside K^T, each task's Q tile in its scratch. Rows 2 KiB apart (H 8, D 64 fp32)
   // fall in two of L1's 64 sets, so a 128-row tile thrashes it: one thread measured 8% slower on such views,
@@ -70,7 +71,8 @@ void fwd_impl(const AttnParams& p) {
   const bool copy_q = p.q_st.s != d, copy_v = p.v_st.s != d;
   std::vector<int64_t> vc_off(nb + 1, 0);
   for (int64_t b = 0; b < nb; ++b) vc_off[b + 1] = vc_off[b] + (copy_v ? hk * seqs[b].sk * d : 0);
-  T* const vc = copy_v ? cpu::thread_buffer<T, 1>(vc_off[nb]) : nullptr;
+  const cpu::ThreadScratch<T, 1> vc_buf(vc_off[nb]);  // empty unless copy_v
+  T* const vc = vc_buf.get();
   at::parallel_for(0, nb * hk, 1, [&](int64_t beg, int64_t end) {
     for (int64_t bh = beg; bh < end; ++bh) {
       const int64_t b = bh / hk, h = bh % hk;

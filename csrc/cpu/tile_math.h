@@ -77,23 +77,38 @@ void run_tasks(const std::vector<int64_t>& cost, Make make, Body body, const std
   });
 }
 
-// A scratch buffer of the calling thread kept from call to call, grown when a call needs more (contents
-// undefined). For the per-call copies of K^T and V, which for a packed batch are as large as K and V
-// themselves: a fresh buffer above glibc's mmap threshold (32 MiB at most) is mapped and zero-filled page by
-// page on every call, which took 5% of a 32k-token packed forward in page faults. Held until the thread
-// ends, like the caching allocators of the GPU side; at most the size of the largest call's K and V per slot.
-// A slot is live only inside one kernel call, and a kernel call never calls another one.
+// Scratch of the calling thread kept from call to call, grown when a call needs more (contents undefined).
+// For the per-call copies of K^T and V (and the backward's transposed copies), which for a packed batch are as
+// large as K and V themselves: a fresh buffer above glibc's mmap threshold (32 MiB at most) is mapped and
+// zero-filled page by page on every call, which took 5% of a 32k-token packed forward in page faults. A request
+// above kKeepBytes gets its own buffer, freed at the end of the call (there the page faults weigh little
+// against the call's quadratic work), so a thread keeps at most kKeepBytes per slot. A slot is live only
+// inside one kernel call, and a kernel call never calls another one.
 template <typename T, int kSlot>
-T* thread_buffer(int64_t n) {
-  thread_local std::unique_ptr<T[]> buf;
-  thread_local int64_t cap = 0;
-  if (cap < n) {
-    buf.reset();
-    buf.reset(new T[n]);
-    cap = n;
+class ThreadScratch {
+ public:
+  static constexpr int64_t kKeepBytes = int64_t(256) << 20;
+  explicit ThreadScratch(int64_t n) {
+    if (n * static_cast<int64_t>(sizeof(T)) > kKeepBytes) {
+      own_.reset(new T[n]);
+      ptr_ = own_.get();
+      return;
+    }
+    thread_local std::unique_ptr<T[]> buf;
+    thread_local int64_t cap = 0;
+    if (cap < n) {
+      buf.reset();
+      buf.reset(new T[n]);
+      cap = n;
+    }
+    ptr_ = buf.get();
   }
-  return buf.get();
-}
+  T* get() const { return ptr_; }
+
+ private:
+  std::unique_ptr<T[]> own_;
+  T* ptr_ = nullptr;
+};
 
 // Leading dimension for a pre-transposed (D x S) buffer: S rounded up to 16 plus 16 elements, so that
 // the D rows of a tile do not sit a multiple of 4 KiB apart (S = 1024, 2048, ... would otherwise put
