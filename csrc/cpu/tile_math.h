@@ -363,17 +363,13 @@ FA_CPU_INLINE float hsum(F v) {
 // two-constant ln2 range reduction. n = round(x) through the 1.5 * 2^23 trick (the low bits of t hold n),
 // f = x - n in [-0.5, 0.5], 2^f by a degree-6 polynomial (relative-error fit, 1e-7 max in fp32 with
 // rounding), and 2^n added straight into the exponent bits. ~14 vector ops per vector, against ~24 for a
-// natural-base Cephes exp with clamps. kClampHigh = false where x <= 0 is known (x = score - row max in the
-// softmax steps, x = score - lse in the backward): one min less. kExactZero = false where any value below
-// 2^-125 does as well as 0 (inside the softcap's tanh): the input is clamped to [-125, 127] instead of
-// masked, one operation less, and the result is never subnormal.
-template <typename F, bool kClampHigh = true, bool kExactZero = true>
+// natural-base Cephes exp with clamps. kClampHigh = false where x <= 127 is known, as in x = score - row max
+// (<= 0) in the softmax steps and x = score - lse (above 0 by rounding at most) in the backward: one min less.
+template <typename F, bool kClampHigh = true>
 FA_CPU_INLINE F exp2(F x) {
   using I = int_of<F>;
-  I keep{};
-  if constexpr (kExactZero) keep = x >= (F{} + -125.0f);
+  const I keep = x >= (F{} + -125.0f);
   if constexpr (kClampHigh) x = vmin(x, F{} + 127.0f);
-  if constexpr (!kExactZero) x = vmax(x, F{} + -125.0f);
   const F magic = F{} + 12582912.0f;
   const F t = x + magic;
   const F f = x - (t - magic);
@@ -385,15 +381,12 @@ FA_CPU_INLINE F exp2(F x) {
   y = y * f + 6.931472027e-1f;
   y = y * f + 1.0f;
   const I bits = (I)y + ((I)t << 23);
-  if constexpr (kExactZero)
-    return (F)(bits & keep);
-  else
-    return (F)bits;
+  return (F)(bits & keep);
 }
-// 2^x for x <= 0 (or -inf, NaN: 0).
+// 2^x for x <= 0 (a rounding step above 0 is fine: all it needs is x <= 127); -inf and NaN give 0.
 template <typename F>
 FA_CPU_INLINE F exp2_nonpos(F x) {
-  return exp2<F, false, true>(x);
+  return exp2<F, false>(x);
 }
 
 // The ISA level the width-dispatched kernels run at: 4 (x86-64-v4), 3 (x86-64-v3) or 1 (anything else),
