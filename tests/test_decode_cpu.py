@@ -156,3 +156,34 @@ def test_long_cache_many_blocks_matches_fp64():
     ref_out, ref_lse = reference_over(q, k_full, v_full, [n], alibi_slopes=torch.tensor([0.01, 0.1, 0.5, 1.0]))
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256, 48])
+def test_four_row_tiles(generic, dtype, d, monkeypatch):
+    """Blocks of 4 query rows with d % 16 == 0 take the AVX2 tiles on x86 CPUs that have AVX2 and FMA but not
+    AVX-512 (head dims 64 / 128 / 256 compiled as constants, other multiples of 16 at run time);
+    FUSED_ATTN_CPU_DECODE_GENERIC=1 forces the generic tiles. G = 4 and 8 (two 4-row blocks), Sq 1 and 3 (rows
+    12 and 24), contiguous and paged, lengths ending inside a 64-key block, forced splits: both paths against
+    float64 under the STYLE.md rule, and against each other."""
+    if generic:
+        monkeypatch.setenv("FUSED_ATTN_CPU_DECODE_GENERIC", "1")
+    b, hk, s_max = 2, 2, 330
+    lens = [317, 70]
+    sl = torch.tensor(lens, dtype=torch.int32)
+    for g, sq, page_size in ((4, 1, None), (8, 1, 16), (4, 3, 64)):
+        kc, vc, bt, k_full, v_full = make_cache(b, hk, d, lens, s_max, page_size=page_size, dtype=dtype,
+                                                seed=d + g + sq)
+        q = torch.randn(b, hk * g, sq, d, dtype=torch.float64).to(dtype)
+        for kw in (dict(), dict(causal=True, num_splits=3)):
+            out, lse = fused_attn.flash_kvcache(q, kc, vc, sl, block_table=bt, return_lse=True, **kw)
+            ref_kw = {key: val for key, val in kw.items() if key != "num_splits"}
+            ref_out, ref_lse = reference_over(q.double(), k_full.double(), v_full.double(), lens, **ref_kw)
+            base_out, base_lse = _same_dtype(q, k_full, v_full, lens, **ref_kw)
+            assert_rule("out", out, ref_out, base_out, dtype)
+            assert_rule("lse", lse, ref_lse, base_lse, dtype)
+            monkeypatch.setenv("FUSED_ATTN_CPU_DECODE_GENERIC", "0" if generic else "1")
+            other = fused_attn.flash_kvcache(q, kc, vc, sl, block_table=bt, **kw)
+            monkeypatch.setenv("FUSED_ATTN_CPU_DECODE_GENERIC", "1" if generic else "0")
+            torch.testing.assert_close(out.float(), other.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -30,6 +31,11 @@
 #include "../kernels.h"
 #include "../mask.h"
 #include "tile_math.h"
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
+#include <immintrin.h>
+#endif
+
 
 namespace fused_attn {
 namespace {
@@ -193,6 +199,41 @@ FA_CPU_INLINE void prefetch(const void* p, int64_t n) {
   for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 0);
 }
 
+// Prefetch of whole rows (the next key block's), one 64-byte line at a time in address order within each row
+// and row after row, spread evenly over a loop of `steps` iterations that calls step() once each. Issuing a
+// block's lines in a burst (a row per key at the start of each product) or column by column across the rows
+// (the output product's order) measured slower from memory: the core keeps only a couple of dozen misses in
+// flight, so a burst stalls on them, and a strided order gives the hardware's stream prefetcher nothing to
+// follow. (One thread, K/V from DRAM, a stand-alone copy of the output product: fp32 76-81 against 122-128
+// cycles a key with the per-column prefetch.)
+template <typename S>
+struct RowPacer {
+  const S* const* rows = nullptr;
+  int64_t nrows = 0, row_bytes = 0, total = 0, steps = 1;
+  int64_t row = 0, off = 0, issued = 0, credit = 0;
+  RowPacer(const S* const* r, int64_t n, int64_t bytes, int64_t loop_steps)
+      : rows(r), nrows(n), row_bytes(bytes), total(n * ((bytes + 63) / 64)), steps(std::max<int64_t>(loop_steps, 1)) {}
+  FA_CPU_INLINE void issue() {
+    __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + off, 0, 0);
+    off += 64;
+    if (off >= row_bytes) {
+      off = 0;
+      ++row;
+    }
+    ++issued;
+  }
+  FA_CPU_INLINE void step() {
+    credit += total;
+    while (credit >= steps && issued < total) {
+      credit -= steps;
+      issue();
+    }
+  }
+  void finish() {
+    while (issued < total) issue();
+  }
+};
+
 // Eight accumulators of 8 lanes -> the vector of their eight sums, in order, by a shuffle tree (halves,
 // quarters, pairs): 9 shuffles and 7 additions for what 8 separate horizontal sums do in ~40.
 FA_CPU_INLINE f8 reduce8(const f8 (&a)[8]) {
@@ -219,18 +260,17 @@ FA_CPU_INLINE f8 reduce8(const f8 (&a)[8]) {
 // pre: the rows of the next block at the same positions, prefetched here (null: none).
 template <int RN, int KN, typename S, typename C>
 FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t d, C* s, int64_t lds,
-                            const S* const* pre) {
+                            dv::RowPacer<S>& pacer) {
   using VT = typename dv::Vec<C>::T;
   constexpr int W = dv::Vec<C>::W;
   static_assert(RN * KN <= 8, "at most 8 accumulators");
-  if (pre)
-    for (int jj = 0; jj < KN; ++jj) dv::prefetch(pre[jj], d * int64_t(sizeof(S)));
   const auto zero = dv::opaque_zero<C>();
   VT acc[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) acc[i] = VT{};
   const int64_t dp = d - d % (2 * W);
   for (int64_t c = 0; c < dp; c += 2 * W) {
+    pacer.step();
     // The keys' pairs stay in registers while each query row's pair is loaded once (10 loads per 16 FMAs
     // at RN = 4, KN = 2; the q operands straight from memory made it 18, more than the 2 load ports take).
     VT ka[KN], kb[KN];
@@ -264,17 +304,18 @@ FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t
 
 // Rows in blocks of 4 (a smaller block for the last ones), keys in blocks of KN: RN x KN accumulators plus
 // 2 KN key vectors and 2 query vectors within 16 registers. pre (null: none) holds the rows of the next
-// block, pre_n of them, prefetched during the first row block.
+// block, pre_n of them, prefetched whole during the first row block (paced over its column steps).
 template <int RN, typename S, typename C>
 FA_CPU_INLINE void qk_rows(const C* q, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, int64_t lds,
                            const S* const* pre, int64_t pre_n) {
   constexpr int KN = RN == 1 ? 4 : RN == 2 ? 3 : 2;
+  constexpr int W = dv::Vec<C>::W;
+  const int64_t micros = kn / KN + kn % KN;
+  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), micros * (d / (2 * W)));
   int64_t j = 0;
-  for (; j + KN <= kn; j += KN)
-    qk_micro<RN, KN, S, C>(q, ldq, kr + j, d, s + j, lds, pre && j + KN <= pre_n ? pre + j : nullptr);
-  for (; j < kn; ++j) qk_micro<RN, 1, S, C>(q, ldq, kr + j, d, s + j, lds, pre && j < pre_n ? pre + j : nullptr);
-  if (pre)
-    for (; j < pre_n; ++j) dv::prefetch(pre[j], d * int64_t(sizeof(S)));
+  for (; j + KN <= kn; j += KN) qk_micro<RN, KN, S, C>(q, ldq, kr + j, d, s + j, lds, pacer);
+  for (; j < kn; ++j) qk_micro<RN, 1, S, C>(q, ldq, kr + j, d, s + j, lds, pacer);
+  pacer.finish();
 }
 
 template <typename S, typename C>
@@ -291,6 +332,8 @@ FA_CPU_INLINE void qk_tile(const C* q, int64_t rows, int64_t ldq, const S* const
   }
 }
 
+constexpr int64_t kPvGroup = 4;
+
 // Output: o_r = alpha_r o_r + sum_j p[r * ldp + j] v_j for RN rows over NP pairs of columns from c0 (the
 // permuted order): RN x 2 NP accumulators stay in registers for the whole key block, and each V pair is
 // loaded and converted once per row block. pb holds P pre-broadcast, pb[j * RN + r] = p[r][j] in every lane,
@@ -298,7 +341,7 @@ FA_CPU_INLINE void qk_tile(const C* q, int64_t rows, int64_t ldq, const S* const
 // 2 uops each (vmovss + vbroadcastss), as many as the FMAs.
 template <int RN, int NP, typename S, typename C>
 FA_CPU_INLINE void pv_micro(const typename dv::Vec<C>::T* pb, const C* alpha, const S* const* vr, int64_t kn,
-                            int64_t c0, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+                            int64_t c0, C* o, int64_t ldo, dv::RowPacer<S>& pacer) {
   using VT = typename dv::Vec<C>::T;
   constexpr int W = dv::Vec<C>::W;
   const auto zero = dv::opaque_zero<C>();
@@ -309,20 +352,21 @@ FA_CPU_INLINE void pv_micro(const typename dv::Vec<C>::T* pb, const C* alpha, co
 #pragma GCC unroll 8
     for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] = a * dv::load(o + r * ldo + c0 + cc * W);
   }
-  // One prefetch per 64-byte line: a 16-bit chunk (32 bytes at NP = 1) shares its line with the next one.
-  // The loop issues ~10 loads a key at NP = 1 (row pointer, V, 8 P operands GCC folds into the FMAs) for 8
-  // FMAs, so a load less counts; measured in L2 (bf16, one thread) within the noise (+4%).
-  const bool pf_here = pre && (c0 * int64_t(sizeof(S))) % 64 == 0;
-  for (int64_t j = 0; j < kn; ++j) {
-    if (pf_here && j < pre_n) dv::prefetch(pre[j] + c0, 2 * NP * W * int64_t(sizeof(S)));
-    VT x[2 * NP];
+  // Keys in groups of kPvGroup, one prefetch step per group (the pacer's bookkeeping once per 4 keys).
+  for (int64_t j0 = 0; j0 < kn; j0 += kPvGroup) {
+    pacer.step();
+    const int64_t je = std::min(kn, j0 + kPvGroup);
 #pragma GCC unroll 4
-    for (int np = 0; np < NP; ++np) dv::load_pair(vr[j] + c0 + 2 * np * W, x[2 * np], x[2 * np + 1]);
+    for (int64_t j = j0; j < je; ++j) {
+      VT x[2 * NP];
 #pragma GCC unroll 4
-    for (int r = 0; r < RN; ++r) {
-      const VT pj = dv::in_register<C>(pb[j * RN + r], zero);
+      for (int np = 0; np < NP; ++np) dv::load_pair(vr[j] + c0 + 2 * np * W, x[2 * np], x[2 * np + 1]);
+#pragma GCC unroll 4
+      for (int r = 0; r < RN; ++r) {
+        const VT pj = dv::in_register<C>(pb[j * RN + r], zero);
 #pragma GCC unroll 8
-      for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] += pj * x[cc];
+        for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] += pj * x[cc];
+      }
     }
   }
 #pragma GCC unroll 4
@@ -341,11 +385,13 @@ FA_CPU_INLINE void pv_rows(const C* pr, int64_t ldp, const C* alpha, const S* co
   for (int64_t j = 0; j < kn; ++j)
 #pragma GCC unroll 4
     for (int r = 0; r < RN; ++r) pb[j * RN + r] = dv::splat(pr + r * ldp + j);
+  // The next block's rows are prefetched whole, paced over the chunk loops below (one step per key of each).
+  const int64_t wide = d / (2 * NP * W), narrow = (d - wide * 2 * NP * W) / (2 * W);
+  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), (wide + narrow) * cdiv(kn, kPvGroup));
   int64_t c = 0;
-  for (; c + 2 * NP * W <= d; c += 2 * NP * W) pv_micro<RN, NP, S, C>(pb, alpha, vr, kn, c, o, ldo, pre, pre_n);
-  for (; c + 2 * W <= d; c += 2 * W) pv_micro<RN, 1, S, C>(pb, alpha, vr, kn, c, o, ldo, pre, pre_n);
-  if (pre && c < d)
-    for (int64_t j = 0; j < pre_n; ++j) dv::prefetch(pre[j] + c, (d - c) * int64_t(sizeof(S)));
+  for (; c + 2 * NP * W <= d; c += 2 * NP * W) pv_micro<RN, NP, S, C>(pb, alpha, vr, kn, c, o, ldo, pacer);
+  for (; c + 2 * W <= d; c += 2 * W) pv_micro<RN, 1, S, C>(pb, alpha, vr, kn, c, o, ldo, pacer);
+  pacer.finish();
   for (; c < d; ++c)  // the last d % 2W columns, in order
     for (int r = 0; r < RN; ++r) {
       C a = alpha[r] * o[r * ldo + c];
@@ -388,6 +434,210 @@ FA_DECODE_TILES(c10::BFloat16, float)
 FA_DECODE_TILES(c10::Half, float)
 FA_DECODE_TILES(double, double)
 #undef FA_DECODE_TILES
+
+// ---------------------------------------------------------------------------------------------------
+// AVX2 + FMA tiles for blocks of 4 query rows (a GQA group of 4, or 4 rows of a larger one), fp32 compute,
+// d % 16 == 0: the decode shape. Written with intrinsics so that operands can be pinned in registers with an
+// empty asm (the generic tiles xor them with an opaque zero, which costs a vector uop and a register each) and
+// P is broadcast straight from the score row (vbroadcastss from memory is one load; the generic tiles build a
+// pre-broadcast copy of P per block). Used on x86-64 CPUs with AVX2 and FMA but without AVX-512 (the
+// machines it was measured on); elsewhere, and for other row counts and head dims, the generic tiles run.
+// FUSED_ATTN_CPU_DECODE_GENERIC=1 forces the generic tiles (for comparison, and so tests cover both).
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
+#define FA_DECODE_AVX2 1
+#define FA_AVX2 __attribute__((target("avx2,fma")))
+#define FA_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma")))
+namespace avx2 {
+
+// Keeps x in a register: an FMA can no longer take it as a memory operand, so one load feeds every use.
+template <typename T>
+FA_AVX2_INLINE void pin(T& x) {
+  asm("" : "+x"(x));
+}
+
+// 16 elements of the cache's dtype as two fp32 vectors in dv::load_pair's order (fp16 / bf16: even elements,
+// then odd ones).
+FA_AVX2_INLINE void pair(const float* p, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(p);
+  b = _mm256_loadu_ps(p + 8);
+}
+FA_AVX2_INLINE void pair(const c10::BFloat16* p, __m256& a, __m256& b) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+FA_AVX2_INLINE void pair(const c10::Half* p, __m256& a, __m256& b) {
+  dv::f8 x, y;
+  dv::load_pair(p, x, y);
+  a = reinterpret_cast<__m256>(x);
+  b = reinterpret_cast<__m256>(y);
+}
+
+// Lanes 0-3: x's low + high half, lanes 4-7: y's.
+FA_AVX2_INLINE __m256 halves(__m256 x, __m256 y) {
+  return _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+}
+
+// Sums of eight accumulators, in order, as one vector.
+FA_AVX2_INLINE __m256 reduce8(const __m256 (&a)[8]) {
+  const __m256 b0 = halves(a[0], a[4]), b1 = halves(a[1], a[5]), b2 = halves(a[2], a[6]), b3 = halves(a[3], a[7]);
+  return _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+}
+
+// Scores of 4 rows against KN keys (1 or 2): 4 KN accumulators across d. Q's rows are d apart. DC: d as a
+// compile-time constant (0: use d), so that the four rows are addressed from one base register.
+template <int KN, int DC, typename S>
+FA_AVX2_INLINE void qk_micro(const float* q, const S* const* kr, int64_t d_rt, float* s, int64_t lds,
+                             dv::RowPacer<S>& pacer) {
+  const int64_t d = DC ? DC : d_rt, ldq = d;
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    pacer.step();
+    __m256 ka[KN], kb[KN];
+#pragma GCC unroll 2
+    for (int jj = 0; jj < KN; ++jj) pair(kr[jj] + c, ka[jj], kb[jj]);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m256 qa = _mm256_loadu_ps(q + r * ldq + c);
+      pin(qa);
+#pragma GCC unroll 2
+      for (int jj = 0; jj < KN; ++jj) acc[jj * 4 + r] = _mm256_fmadd_ps(qa, ka[jj], acc[jj * 4 + r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m256 qb = _mm256_loadu_ps(q + r * ldq + c + 8);
+      pin(qb);
+#pragma GCC unroll 2
+      for (int jj = 0; jj < KN; ++jj) acc[jj * 4 + r] = _mm256_fmadd_ps(qb, kb[jj], acc[jj * 4 + r]);
+    }
+  }
+  alignas(32) float sum[8];
+  _mm256_store_ps(sum, reduce8(acc));
+#pragma GCC unroll 2
+  for (int jj = 0; jj < KN; ++jj)
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) s[r * lds + jj] = sum[jj * 4 + r];
+}
+
+template <int DC, typename S>
+FA_AVX2 void qk4(const float* q, const S* const* kr, int64_t kn, int64_t d, float* s, int64_t lds,
+                 const S* const* pre, int64_t pre_n) {
+  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), cdiv(kn, 2) * (d / 16));
+  int64_t j = 0;
+  for (; j + 2 <= kn; j += 2) qk_micro<2, DC, S>(q, kr + j, d, s + j, lds, pacer);
+  if (j < kn) qk_micro<1, DC, S>(q, kr + j, d, s + j, lds, pacer);
+  pacer.finish();
+}
+
+// o_r = alpha_r o_r + sum_j p[r][j] v_j for 4 rows, 16 columns at a time (8 accumulators across the block).
+// The output rows are d apart; DC as in qk4.
+template <int DC, typename S>
+FA_AVX2 void pv4(const float* pr, int64_t ldp, const float* alpha, const S* const* vr, int64_t kn, int64_t d_rt,
+                 float* o, const S* const* pre, int64_t pre_n) {
+  const int64_t d = DC ? DC : d_rt, ldo = d;
+  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), (d / 16) * cdiv(kn, kPvGroup));
+  for (int64_t c = 0; c < d; c += 16) {
+    __m256 acc[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m256 a = _mm256_broadcast_ss(alpha + r);
+      acc[r][0] = _mm256_mul_ps(a, _mm256_loadu_ps(o + r * ldo + c));
+      acc[r][1] = _mm256_mul_ps(a, _mm256_loadu_ps(o + r * ldo + c + 8));
+    }
+    for (int64_t j0 = 0; j0 < kn; j0 += kPvGroup) {
+      pacer.step();
+      const int64_t je = std::min(kn, j0 + kPvGroup);
+#pragma GCC unroll 4
+      for (int64_t j = j0; j < je; ++j) {
+        __m256 x0, x1;
+        pair(vr[j] + c, x0, x1);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const __m256 pj = _mm256_broadcast_ss(pr + r * ldp + j);
+          acc[r][0] = _mm256_fmadd_ps(pj, x0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(pj, x1, acc[r][1]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      _mm256_storeu_ps(o + r * ldo + c, acc[r][0]);
+      _mm256_storeu_ps(o + r * ldo + c + 8, acc[r][1]);
+    }
+  }
+  pacer.finish();
+}
+
+}  // namespace avx2
+
+// Whether the AVX2 tiles run (see above): read once per call.
+inline bool use_avx2_tiles() {
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          !__builtin_cpu_supports("avx512f");
+  const char* env = std::getenv("FUSED_ATTN_CPU_DECODE_GENERIC");
+  return cpu && !(env && env[0] == '1');
+}
+#endif
+
+// Score and output tiles of `rows` query rows: the AVX2 tiles for the blocks of 4 rows where they apply
+// (fp32 compute, d % 16 == 0), the generic (cloned) tiles for the rest.
+template <typename S, typename C>
+void qk_any(bool fast, const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s,
+            int64_t lds, const S* const* pre, int64_t pre_n) {
+#ifdef FA_DECODE_AVX2
+  if constexpr (std::is_same<C, float>::value) {
+    if (fast && rows >= 4 && d % 16 == 0 && ldq == d) {
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4, pre = nullptr) {
+        const float* qr = q + r * ldq;
+        float* sr = s + r * lds;
+        switch (d) {
+          case 64: avx2::qk4<64, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
+          case 128: avx2::qk4<128, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
+          case 256: avx2::qk4<256, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
+          default: avx2::qk4<0, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
+        }
+      }
+      if (r < rows) qk(q + r * ldq, rows - r, ldq, kr, kn, d, s + r * lds, lds, nullptr, 0);
+      return;
+    }
+  }
+#endif
+  (void)fast;
+  qk(q, rows, ldq, kr, kn, d, s, lds, pre, pre_n);
+}
+
+template <typename S, typename C>
+void pv_any(bool fast, const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,
+            int64_t d, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+#ifdef FA_DECODE_AVX2
+  if constexpr (std::is_same<C, float>::value) {
+    if (fast && rows >= 4 && d % 16 == 0 && ldo == d) {
+      if (pre_n > kn) {  // rows the loops below do not reach
+        for (int64_t j = kn; j < pre_n; ++j) dv::prefetch(pre[j], d * int64_t(sizeof(S)));
+        pre_n = kn;
+      }
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4, pre = nullptr) {
+        const float* prr = pr + r * ldp;
+        float* orr = o + r * ldo;
+        switch (d) {
+          case 64: avx2::pv4<64, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
+          case 128: avx2::pv4<128, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
+          case 256: avx2::pv4<256, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
+          default: avx2::pv4<0, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
+        }
+      }
+      if (r < rows) pv(pr + r * ldp, rows - r, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, nullptr, 0);
+      return;
+    }
+  }
+#endif
+  (void)fast;
+  pv(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre, pre_n);
+}
 
 // ---------------------------------------------------------------------------------------------------
 
@@ -472,6 +722,11 @@ void kvcache_impl(const AttnParams& p) {
   // Scores in base 2 (tile_math.h): Q is pre-scaled by scale * log2(e); with a softcap by scale only, and
   // score_mod_tile moves the capped score to base 2.
   const bool capped = p.softcap > 0;
+#ifdef FA_DECODE_AVX2
+  const bool fast = use_avx2_tiles();
+#else
+  const bool fast = false;
+#endif
   const C qscale = static_cast<C>(capped ? p.scale : p.scale * kLog2e);
   const bool mods = capped || p.alibi != nullptr;
 
@@ -582,7 +837,7 @@ void kvcache_impl(const AttnParams& p) {
       const bool need_mask = tile_needs_mask(p, whole, b, q0, q0 + qn, k0, k0 + kn);
       for (int64_t hh = 0; hh < ht; ++hh) {
         const int64_t r0 = hh * hrows;
-        qk(qc + r0 * d, hrows, d, kr + hh * kbk, kn, d, s, kBlockK, nn > 0 ? kr_next + hh * kbk : nullptr, nn);
+        qk_any(fast, qc + r0 * d, hrows, d, kr + hh * kbk, kn, d, s, kBlockK, nn > 0 ? kr_next + hh * kbk : nullptr, nn);
         if (mods || need_mask)
           for (int64_t hg = 0; hg < grp; ++hg) {
             const int64_t h = (kvh0 + hh) * grp + hg;
@@ -592,7 +847,7 @@ void kvcache_impl(const AttnParams& p) {
             if (need_mask) cpu::mask_tile(p, whole, b, h, q0, qn, k0, kn, sh, kBlockK, false);
           }
         cpu::softmax_step(s, hrows, kn, kBlockK, m + r0, l + r0, alpha + r0);
-        pv(s, hrows, kBlockK, alpha + r0, vr + hh * kbk, kn, d, acc + r0 * d, d,
+        pv_any(fast, s, hrows, kBlockK, alpha + r0, vr + hh * kbk, kn, d, acc + r0 * d, d,
            nn > 0 ? vr_next + hh * kbk : nullptr, nn);
       }
     }
