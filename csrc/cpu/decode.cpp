@@ -206,13 +206,21 @@ FA_CPU_INLINE void prefetch(const void* p, int64_t n) {
 // flight, so a burst stalls on them, and a strided order gives the hardware's stream prefetcher nothing to
 // follow. (One thread, K/V from DRAM, a stand-alone copy of the output product: fp32 76-81 against 122-128
 // cycles a key with the per-column prefetch.)
+// Rows to prefetch: n rows of `bytes` bytes each (none when n == 0).
+template <typename S>
+struct Pre {
+  const S* const* rows = nullptr;
+  int64_t n = 0, bytes = 0;
+};
+
 template <typename S>
 struct RowPacer {
   const S* const* rows = nullptr;
   int64_t nrows = 0, row_bytes = 0, total = 0, steps = 1;
   int64_t row = 0, off = 0, issued = 0, credit = 0;
-  RowPacer(const S* const* r, int64_t n, int64_t bytes, int64_t loop_steps)
-      : rows(r), nrows(n), row_bytes(bytes), total(n * ((bytes + 63) / 64)), steps(std::max<int64_t>(loop_steps, 1)) {}
+  RowPacer(Pre<S> pre, int64_t loop_steps)
+      : rows(pre.rows), nrows(pre.n), row_bytes(pre.bytes), total(pre.n * ((pre.bytes + 63) / 64)),
+        steps(std::max<int64_t>(loop_steps, 1)) {}
   FA_CPU_INLINE void issue() {
     __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + off, 0, 0);
     off += 64;
@@ -304,14 +312,14 @@ FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t
 
 // Rows in blocks of 4 (a smaller block for the last ones), keys in blocks of KN: RN x KN accumulators plus
 // 2 KN key vectors and 2 query vectors within 16 registers. pre (null: none) holds the rows of the next
-// block, pre_n of them, prefetched whole during the first row block (paced over its column steps).
+// block, pre.n of them, prefetched whole during the first row block (paced over its column steps).
 template <int RN, typename S, typename C>
 FA_CPU_INLINE void qk_rows(const C* q, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, int64_t lds,
-                           const S* const* pre, int64_t pre_n) {
+                           dv::Pre<S> pre) {
   constexpr int KN = RN == 1 ? 4 : RN == 2 ? 3 : 2;
   constexpr int W = dv::Vec<C>::W;
   const int64_t micros = kn / KN + kn % KN;
-  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), micros * (d / (2 * W)));
+  dv::RowPacer<S> pacer(pre, micros * (d / (2 * W)));
   int64_t j = 0;
   for (; j + KN <= kn; j += KN) qk_micro<RN, KN, S, C>(q, ldq, kr + j, d, s + j, lds, pacer);
   for (; j < kn; ++j) qk_micro<RN, 1, S, C>(q, ldq, kr + j, d, s + j, lds, pacer);
@@ -320,14 +328,14 @@ FA_CPU_INLINE void qk_rows(const C* q, int64_t ldq, const S* const* kr, int64_t 
 
 template <typename S, typename C>
 FA_CPU_INLINE void qk_tile(const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s,
-                           int64_t lds, const S* const* pre, int64_t pre_n) {
+                           int64_t lds, dv::Pre<S> pre) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4, pre = nullptr)
-    qk_rows<4, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n);
+  for (; r + 4 <= rows; r += 4, pre = {})
+    qk_rows<4, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre);
   switch (rows - r) {
-    case 3: qk_rows<3, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n); break;
-    case 2: qk_rows<2, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n); break;
-    case 1: qk_rows<1, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre, pre_n); break;
+    case 3: qk_rows<3, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre); break;
+    case 2: qk_rows<2, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre); break;
+    case 1: qk_rows<1, S, C>(q + r * ldq, ldq, kr, kn, d, s + r * lds, lds, pre); break;
     default: break;
   }
 }
@@ -377,7 +385,7 @@ FA_CPU_INLINE void pv_micro(const typename dv::Vec<C>::T* pb, const C* alpha, co
 
 template <int RN, typename S, typename C>
 FA_CPU_INLINE void pv_rows(const C* pr, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn, int64_t d,
-                           C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+                           C* o, int64_t ldo, dv::Pre<S> pre) {
   using VT = typename dv::Vec<C>::T;
   constexpr int W = dv::Vec<C>::W;
   constexpr int NP = RN <= 2 ? 2 : 1;
@@ -387,7 +395,7 @@ FA_CPU_INLINE void pv_rows(const C* pr, int64_t ldp, const C* alpha, const S* co
     for (int r = 0; r < RN; ++r) pb[j * RN + r] = dv::splat(pr + r * ldp + j);
   // The next block's rows are prefetched whole, paced over the chunk loops below (one step per key of each).
   const int64_t wide = d / (2 * NP * W), narrow = (d - wide * 2 * NP * W) / (2 * W);
-  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), (wide + narrow) * cdiv(kn, kPvGroup));
+  dv::RowPacer<S> pacer(pre, (wide + narrow) * cdiv(kn, kPvGroup));
   int64_t c = 0;
   for (; c + 2 * NP * W <= d; c += 2 * NP * W) pv_micro<RN, NP, S, C>(pb, alpha, vr, kn, c, o, ldo, pacer);
   for (; c + 2 * W <= d; c += 2 * W) pv_micro<RN, 1, S, C>(pb, alpha, vr, kn, c, o, ldo, pacer);
@@ -402,18 +410,18 @@ FA_CPU_INLINE void pv_rows(const C* pr, int64_t ldp, const C* alpha, const S* co
 
 template <typename S, typename C>
 FA_CPU_INLINE void pv_tile(const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,
-                           int64_t d, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
-  if (pre_n > kn) {  // rows the loops below do not reach
-    for (int64_t j = kn; j < pre_n; ++j) dv::prefetch(pre[j], d * int64_t(sizeof(S)));
-    pre_n = kn;
+                           int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {
+  if (pre.n > kn) {  // rows the loops below do not reach
+    for (int64_t j = kn; j < pre.n; ++j) dv::prefetch(pre.rows[j], pre.bytes);
+    pre.n = kn;
   }
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4, pre = nullptr)
-    pv_rows<4, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n);
+  for (; r + 4 <= rows; r += 4, pre = {})
+    pv_rows<4, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre);
   switch (rows - r) {
-    case 3: pv_rows<3, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n); break;
-    case 2: pv_rows<2, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n); break;
-    case 1: pv_rows<1, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre, pre_n); break;
+    case 3: pv_rows<3, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre); break;
+    case 2: pv_rows<2, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre); break;
+    case 1: pv_rows<1, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre); break;
     default: break;
   }
 }
@@ -422,12 +430,12 @@ FA_CPU_INLINE void pv_tile(const C* pr, int64_t rows, int64_t ldp, const C* alph
 // are inlined into each clone.
 #define FA_DECODE_TILES(S, C)                                                                                  \
   FA_CPU_CLONES void qk(const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, \
-                        int64_t lds, const S* const* pre, int64_t pre_n) {                                     \
-    qk_tile<S, C>(q, rows, ldq, kr, kn, d, s, lds, pre, pre_n);                                                \
+                        int64_t lds, dv::Pre<S> pre) {                                     \
+    qk_tile<S, C>(q, rows, ldq, kr, kn, d, s, lds, pre);                                                \
   }                                                                                                            \
   FA_CPU_CLONES void pv(const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,\
-                        int64_t d, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {                    \
-    pv_tile<S, C>(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre, pre_n);                                        \
+                        int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {                    \
+    pv_tile<S, C>(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre);                                        \
   }
 FA_DECODE_TILES(float, float)
 FA_DECODE_TILES(c10::BFloat16, float)
@@ -523,8 +531,8 @@ FA_AVX2_INLINE void qk_micro(const float* q, const S* const* kr, int64_t d_rt, f
 
 template <int DC, typename S>
 FA_AVX2 void qk4(const float* q, const S* const* kr, int64_t kn, int64_t d, float* s, int64_t lds,
-                 const S* const* pre, int64_t pre_n) {
-  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), cdiv(kn, 2) * (d / 16));
+                 dv::Pre<S> pre) {
+  dv::RowPacer<S> pacer(pre, cdiv(kn, 2) * (d / 16));
   int64_t j = 0;
   for (; j + 2 <= kn; j += 2) qk_micro<2, DC, S>(q, kr + j, d, s + j, lds, pacer);
   if (j < kn) qk_micro<1, DC, S>(q, kr + j, d, s + j, lds, pacer);
@@ -535,9 +543,9 @@ FA_AVX2 void qk4(const float* q, const S* const* kr, int64_t kn, int64_t d, floa
 // The output rows are d apart; DC as in qk4.
 template <int DC, typename S>
 FA_AVX2 void pv4(const float* pr, int64_t ldp, const float* alpha, const S* const* vr, int64_t kn, int64_t d_rt,
-                 float* o, const S* const* pre, int64_t pre_n) {
+                 float* o, dv::Pre<S> pre) {
   const int64_t d = DC ? DC : d_rt, ldo = d;
-  dv::RowPacer<S> pacer(pre, pre ? pre_n : 0, d * int64_t(sizeof(S)), (d / 16) * cdiv(kn, kPvGroup));
+  dv::RowPacer<S> pacer(pre, (d / 16) * cdiv(kn, kPvGroup));
   for (int64_t c = 0; c < d; c += 16) {
     __m256 acc[4][2];
 #pragma GCC unroll 4
@@ -585,58 +593,58 @@ inline bool use_avx2_tiles() {
 // (fp32 compute, d % 16 == 0), the generic (cloned) tiles for the rest.
 template <typename S, typename C>
 void qk_any(bool fast, const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s,
-            int64_t lds, const S* const* pre, int64_t pre_n) {
+            int64_t lds, dv::Pre<S> pre) {
 #ifdef FA_DECODE_AVX2
   if constexpr (std::is_same<C, float>::value) {
     if (fast && rows >= 4 && d % 16 == 0 && ldq == d) {
       int64_t r = 0;
-      for (; r + 4 <= rows; r += 4, pre = nullptr) {
+      for (; r + 4 <= rows; r += 4, pre = {}) {
         const float* qr = q + r * ldq;
         float* sr = s + r * lds;
         switch (d) {
-          case 64: avx2::qk4<64, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
-          case 128: avx2::qk4<128, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
-          case 256: avx2::qk4<256, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
-          default: avx2::qk4<0, S>(qr, kr, kn, d, sr, lds, pre, pre_n); break;
+          case 64: avx2::qk4<64, S>(qr, kr, kn, d, sr, lds, pre); break;
+          case 128: avx2::qk4<128, S>(qr, kr, kn, d, sr, lds, pre); break;
+          case 256: avx2::qk4<256, S>(qr, kr, kn, d, sr, lds, pre); break;
+          default: avx2::qk4<0, S>(qr, kr, kn, d, sr, lds, pre); break;
         }
       }
-      if (r < rows) qk(q + r * ldq, rows - r, ldq, kr, kn, d, s + r * lds, lds, nullptr, 0);
+      if (r < rows) qk(q + r * ldq, rows - r, ldq, kr, kn, d, s + r * lds, lds, {});
       return;
     }
   }
 #endif
   (void)fast;
-  qk(q, rows, ldq, kr, kn, d, s, lds, pre, pre_n);
+  qk(q, rows, ldq, kr, kn, d, s, lds, pre);
 }
 
 template <typename S, typename C>
 void pv_any(bool fast, const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,
-            int64_t d, C* o, int64_t ldo, const S* const* pre, int64_t pre_n) {
+            int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {
 #ifdef FA_DECODE_AVX2
   if constexpr (std::is_same<C, float>::value) {
     if (fast && rows >= 4 && d % 16 == 0 && ldo == d) {
-      if (pre_n > kn) {  // rows the loops below do not reach
-        for (int64_t j = kn; j < pre_n; ++j) dv::prefetch(pre[j], d * int64_t(sizeof(S)));
-        pre_n = kn;
+      if (pre.n > kn) {  // rows the loops below do not reach
+        for (int64_t j = kn; j < pre.n; ++j) dv::prefetch(pre.rows[j], pre.bytes);
+        pre.n = kn;
       }
       int64_t r = 0;
-      for (; r + 4 <= rows; r += 4, pre = nullptr) {
+      for (; r + 4 <= rows; r += 4, pre = {}) {
         const float* prr = pr + r * ldp;
         float* orr = o + r * ldo;
         switch (d) {
-          case 64: avx2::pv4<64, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
-          case 128: avx2::pv4<128, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
-          case 256: avx2::pv4<256, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
-          default: avx2::pv4<0, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre, pre_n); break;
+          case 64: avx2::pv4<64, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
+          case 128: avx2::pv4<128, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
+          case 256: avx2::pv4<256, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
+          default: avx2::pv4<0, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
         }
       }
-      if (r < rows) pv(pr + r * ldp, rows - r, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, nullptr, 0);
+      if (r < rows) pv(pr + r * ldp, rows - r, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, {});
       return;
     }
   }
 #endif
   (void)fast;
-  pv(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre, pre_n);
+  pv(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -819,6 +827,16 @@ void kvcache_impl(const AttnParams& p) {
       }
     };
     const TileVisit whole{0, false};
+    // What head hh's products prefetch of the next block (nn keys, row pointers `next`). One head per task,
+    // or heads whose rows in a slot are not side by side: that head's rows. Several heads side by side in
+    // each slot (the (num_pages, page_size, Hk, D) pool): the slots [hh nn / ht, (hh + 1) nn / ht) with every
+    // head of the task in them, so that the next block is fetched in address order across the heads' turns.
+    auto pre_of = [&](const S** next, int64_t hh, int64_t nn, int64_t head_stride) {
+      if (nn <= 0) return dv::Pre<S>{};
+      if (ht == 1 || head_stride != d) return dv::Pre<S>{next + hh * kbk, nn, d * int64_t(sizeof(S))};
+      const int64_t x0 = hh * nn / ht, x1 = (hh + 1) * nn / ht;
+      return dv::Pre<S>{next + x0, x1 - x0, ht * d * int64_t(sizeof(S))};
+    };
     // Row pointers of blocks i and i + 1 in a ring of two; block i + 1's rows are prefetched during block i's
     // products (each head's during its own).
     constexpr int64_t dist = kPrefetchBlocks;
@@ -837,7 +855,7 @@ void kvcache_impl(const AttnParams& p) {
       const bool need_mask = tile_needs_mask(p, whole, b, q0, q0 + qn, k0, k0 + kn);
       for (int64_t hh = 0; hh < ht; ++hh) {
         const int64_t r0 = hh * hrows;
-        qk_any(fast, qc + r0 * d, hrows, d, kr + hh * kbk, kn, d, s, kBlockK, nn > 0 ? kr_next + hh * kbk : nullptr, nn);
+        qk_any(fast, qc + r0 * d, hrows, d, kr + hh * kbk, kn, d, s, kBlockK, pre_of(kr_next, hh, nn, p.k_st.h));
         if (mods || need_mask)
           for (int64_t hg = 0; hg < grp; ++hg) {
             const int64_t h = (kvh0 + hh) * grp + hg;
@@ -848,7 +866,7 @@ void kvcache_impl(const AttnParams& p) {
           }
         cpu::softmax_step(s, hrows, kn, kBlockK, m + r0, l + r0, alpha + r0);
         pv_any(fast, s, hrows, kBlockK, alpha + r0, vr + hh * kbk, kn, d, acc + r0 * d, d,
-           nn > 0 ? vr_next + hh * kbk : nullptr, nn);
+               pre_of(vr_next, hh, nn, p.v_st.h));
       }
     }
 
