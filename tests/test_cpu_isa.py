@@ -3,7 +3,8 @@ x86-64-v4, x86-64-v3 and baseline x86-64 and picks one at load time; FUSED_ATTN_
 
 Each width runs in its own process (the pick is read once) on awkward sizes, so that every width's partial-vector
 tails are exercised: forward and backward with softcap, ALiBi, causal and window masks against the float64
-reference (STYLE.md rule), and the linear-attention feature maps."""
+reference (STYLE.md rule), the linear-attention feature maps, and flash_kvcache (whose AVX2 tiles run at
+x86-64-v3 width only)."""
 from __future__ import annotations
 
 import os
@@ -32,6 +33,16 @@ for sq, sk, d in ((77, 130, 40), (5, 19, 7), (130, 33, 64)):
         for dt in (torch.float32, torch.bfloat16):
             q, k, v = make_qkv(2, 3, 3, sq, sk, d, seed=sq + d)
             check_all((q * 3).to(dt), k.to(dt), v.to(dt), **kw)
+# the decode tiles: the AVX2 ones at x86-64-v3 (GQA group of 4, d % 16 == 0), the generic ones otherwise
+from test_kvcache import make_cache, reference_over
+lens = [150, 33]
+for dt in (torch.float32, torch.bfloat16):
+    kc, vc, bt, kf, vf = make_cache(2, 2, 64, lens, 160, page_size=16, dtype=dt, seed=1)
+    q = torch.randn(2, 8, 1, 64, dtype=torch.float64).to(dt)
+    got = fused_attn.flash_kvcache(q, kc, vc, torch.tensor(lens, dtype=torch.int32), block_table=bt)
+    ref, _ = reference_over(q.double(), kf.double(), vf.double(), lens)
+    err = (got.double() - ref).abs().max().item()
+    assert err < (1e-5 if dt == torch.float32 else 3e-2), (dt, err)
 # linear attention's feature maps run through the same width dispatch
 from fused_attn import reference
 for fm in ("elu1", "relu"):

@@ -448,8 +448,9 @@ FA_DECODE_TILES(double, double)
 // d % 16 == 0: the decode shape. Written with intrinsics so that operands can be pinned in registers with an
 // empty asm (the generic tiles xor them with an opaque zero, which costs a vector uop and a register each) and
 // P is broadcast straight from the score row (vbroadcastss from memory is one load; the generic tiles build a
-// pre-broadcast copy of P per block). Used on x86-64 CPUs with AVX2 and FMA but without AVX-512 (the
-// machines it was measured on); elsewhere, and for other row counts and head dims, the generic tiles run.
+// pre-broadcast copy of P per block). Used where the CPU kernels run at x86-64-v3 width: AVX2 CPUs without
+// AVX-512 (the machines it was measured on), or any with FUSED_ATTN_CPU_ISA=v3; elsewhere, and for other row
+// counts and head dims, the generic tiles run.
 // FUSED_ATTN_CPU_DECODE_GENERIC=1 forces the generic tiles (for comparison, and so tests cover both).
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
 #define FA_DECODE_AVX2 1
@@ -580,12 +581,11 @@ FA_AVX2 void pv4(const float* pr, int64_t ldp, const float* alpha, const S* cons
 
 }  // namespace avx2
 
-// Whether the AVX2 tiles run (see above): read once per call.
+// Whether the AVX2 tiles run (see above): where the CPU kernels run at x86-64-v3 width (tile_math.h's
+// isa_level(); build_info()["cpu_isa"]), unless FUSED_ATTN_CPU_DECODE_GENERIC=1 (read per call).
 inline bool use_avx2_tiles() {
-  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          !__builtin_cpu_supports("avx512f");
   const char* env = std::getenv("FUSED_ATTN_CPU_DECODE_GENERIC");
-  return cpu && !(env && env[0] == '1');
+  return cpu::vec::isa_level() == 3 && !(env && env[0] == '1');
 }
 #endif
 
