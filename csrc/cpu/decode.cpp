@@ -10,7 +10,10 @@
 //     whole), through per-key row pointers that a paged cache fills a whole page at a time;
 //   - per block of kBlockK keys: S = Q K^T with register-blocked dot products (rows x keys accumulators
 //     across D, reduced by a shuffle tree), score modifiers and masking from mask.h, one online-softmax step
-//     in base 2 (fp32; fp64 for fp64), O = alpha O + P V register-blocked over rows x columns;
+//     in base 2 (fp32; fp64 for fp64), O = alpha O + P V register-blocked over rows x columns; on x86-64-v3
+//     CPUs, blocks of 4 query rows (a GQA group of 4) run AVX2 intrinsics tiles (avx2:: below);
+//   - the next block's rows are prefetched whole, in address order, paced evenly over both products
+//     (dv::RowPacer), so that memory is read while the products run;
 //   - the splits of a key range keep (unnormalised O, running max, running sum) in a workspace and are merged
 //     by their lse in split order afterwards, so the result does not depend on which thread ran what.
 // num_splits = 0 picks the split count from the thread count and the key lengths (enough tasks for every
@@ -44,7 +47,8 @@ constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.6931471805599453094;
 
 // Keys per block: the K and V rows of one block (64 x D, 32 KB each in fp32 at D = 128) stay in L2 between
-// the score and the output product.
+// the score and the output product. 128 measured within the noise of 64 with the paced prefetch (2 threads,
+// B4 Hk8 S32k from DRAM, 3 interleaved runs, fp32 and bf16).
 constexpr int64_t kBlockK = 64;
 // Tasks over several kv heads (paged pools): bytes of K and V per key block, all heads together. With the next
 // block being prefetched, two blocks stay in L2 (512 KB a core on the dev box). Keys per block, measured
@@ -52,7 +56,8 @@ constexpr int64_t kBlockK = 64;
 // 16 / 32 / 64 keys 43-51 / 49-49 / 29-38%, bf16 38-45 / 44-47 / 30-40%.
 constexpr int64_t kBlockBytes = int64_t(128) << 10;
 // Key blocks ahead whose rows are prefetched. Two ahead measured the same as one (one thread, B4 Hk8 S16k,
-// fp32 / bf16, contiguous and paged: within 2 points, the noise); so was the hint (T0, T1 or NTA).
+// fp32 / bf16, contiguous and paged: within 2 points, the noise); so was the hint (T0, T1 or NTA). Both again
+// with the paced prefetch (2 threads, B4 Hk8 S32k from DRAM, 3 interleaved runs): within the noise.
 constexpr int64_t kPrefetchBlocks = 1;
 // Query rows (heads of the group x positions) per task: enough to reuse each K/V block from cache when Sq
 // is large (chunked prefill), small enough to keep the score tile and the output rows in L1/L2.
