@@ -29,6 +29,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../kernels.h"
@@ -204,13 +205,6 @@ FA_CPU_INLINE void prefetch(const void* p, int64_t n) {
   for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 0);
 }
 
-// Prefetch of whole rows (the next key block's), one 64-byte line at a time in address order within each row
-// and row after row, spread evenly over a loop of `steps` iterations that calls step() once each. Issuing a
-// block's lines in a burst (a row per key at the start of each product) or column by column across the rows
-// (the output product's order) measured slower from memory: the core keeps only a couple of dozen misses in
-// flight, so a burst stalls on them, and a strided order gives the hardware's stream prefetcher nothing to
-// follow. (One thread, K/V from DRAM, a stand-alone copy of the output product: fp32 76-81 against 122-128
-// cycles a key with the per-column prefetch.)
 // Rows to prefetch: n rows of `bytes` bytes each (none when n == 0).
 template <typename S>
 struct Pre {
@@ -218,13 +212,20 @@ struct Pre {
   int64_t n = 0, bytes = 0;
 };
 
+// Prefetch of whole rows (the next key block's), one 64-byte line at a time in address order within each row
+// and row after row, spread evenly over a loop of `steps` iterations that calls step() once each. Issuing a
+// block's lines in a burst (a row per key at the start of each product) or column by column across the rows
+// (the output product's order) measured slower from memory: the core keeps only a couple of dozen misses in
+// flight, so a burst stalls on them, and a strided order gives the hardware's stream prefetcher nothing to
+// follow. (One thread, K/V from DRAM, a stand-alone copy of the output product: fp32 76-81 against 122-128
+// cycles a key with the per-column prefetch.)
 template <typename S>
 struct RowPacer {
   const S* const* rows = nullptr;
-  int64_t nrows = 0, row_bytes = 0, total = 0, steps = 1;
+  int64_t row_bytes = 0, total = 0, steps = 1;
   int64_t row = 0, off = 0, issued = 0, credit = 0;
   RowPacer(Pre<S> pre, int64_t loop_steps)
-      : rows(pre.rows), nrows(pre.n), row_bytes(pre.bytes), total(pre.n * ((pre.bytes + 63) / 64)),
+      : rows(pre.rows), row_bytes(pre.bytes), total(pre.n * ((pre.bytes + 63) / 64)),
         steps(std::max<int64_t>(loop_steps, 1)) {}
   FA_CPU_INLINE void issue() {
     __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + off, 0, 0);
@@ -270,7 +271,7 @@ FA_CPU_INLINE f8 reduce8(const f8 (&a)[8]) {
 // ---------------------------------------------------------------------------------------------------
 // Scores: s[r * lds + j] = q_r . k_j for RN query rows and KN keys (Q in the permuted column order), RN x KN
 // accumulators across D (index jj * RN + r), at most 8 so that they and the key pairs fit AVX2's 16 registers.
-// pre: the rows of the next block at the same positions, prefetched here (null: none).
+// pacer: the next block's rows, prefetched a share per column step.
 template <int RN, int KN, typename S, typename C>
 FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t d, C* s, int64_t lds,
                             dv::RowPacer<S>& pacer) {
@@ -316,7 +317,7 @@ FA_CPU_INLINE void qk_micro(const C* q, int64_t ldq, const S* const* kr, int64_t
 }
 
 // Rows in blocks of 4 (a smaller block for the last ones), keys in blocks of KN: RN x KN accumulators plus
-// 2 KN key vectors and 2 query vectors within 16 registers. pre (null: none) holds the rows of the next
+// 2 KN key vectors and 2 query vectors within 16 registers. pre (n == 0: none) holds the rows of the next
 // block, pre.n of them, prefetched whole during the first row block (paced over its column steps).
 template <int RN, typename S, typename C>
 FA_CPU_INLINE void qk_rows(const C* q, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, int64_t lds,
@@ -416,10 +417,6 @@ FA_CPU_INLINE void pv_rows(const C* pr, int64_t ldp, const C* alpha, const S* co
 template <typename S, typename C>
 FA_CPU_INLINE void pv_tile(const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,
                            int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {
-  if (pre.n > kn) {  // rows the loops below do not reach
-    for (int64_t j = kn; j < pre.n; ++j) dv::prefetch(pre.rows[j], pre.bytes);
-    pre.n = kn;
-  }
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4, pre = {})
     pv_rows<4, S, C>(pr + r * ldp, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, pre);
@@ -435,12 +432,12 @@ FA_CPU_INLINE void pv_tile(const C* pr, int64_t rows, int64_t ldp, const C* alph
 // are inlined into each clone.
 #define FA_DECODE_TILES(S, C)                                                                                  \
   FA_CPU_CLONES void qk(const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s, \
-                        int64_t lds, dv::Pre<S> pre) {                                     \
-    qk_tile<S, C>(q, rows, ldq, kr, kn, d, s, lds, pre);                                                \
+                        int64_t lds, dv::Pre<S> pre) {                                                         \
+    qk_tile<S, C>(q, rows, ldq, kr, kn, d, s, lds, pre);                                                       \
   }                                                                                                            \
-  FA_CPU_CLONES void pv(const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,\
-                        int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {                    \
-    pv_tile<S, C>(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre);                                        \
+  FA_CPU_CLONES void pv(const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn, \
+                        int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {                                        \
+    pv_tile<S, C>(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre);                                               \
   }
 FA_DECODE_TILES(float, float)
 FA_DECODE_TILES(c10::BFloat16, float)
@@ -615,6 +612,18 @@ inline bool use_avx2_tiles() {
 }
 #endif
 
+// fn(std::integral_constant<int, DC>) with DC = d for the head dims the AVX2 tiles compile as constants, 0
+// (d at run time) for the others.
+template <typename Fn>
+void by_head_dim(int64_t d, Fn&& fn) {
+  switch (d) {
+    case 64: return fn(std::integral_constant<int, 64>{});
+    case 128: return fn(std::integral_constant<int, 128>{});
+    case 256: return fn(std::integral_constant<int, 256>{});
+    default: return fn(std::integral_constant<int, 0>{});
+  }
+}
+
 // Score and output tiles of `rows` query rows: the AVX2 tiles for the blocks of 4 rows where they apply
 // (fp32 compute, d % 16 == 0), the generic (cloned) tiles for the rest.
 template <typename S, typename C>
@@ -627,12 +636,7 @@ void qk_any(bool fast, const C* q, int64_t rows, int64_t ldq, const S* const* kr
       for (; r + 4 <= rows; r += 4, pre = {}) {
         const float* qr = q + r * ldq;
         float* sr = s + r * lds;
-        switch (d) {
-          case 64: avx2::qk4<64, S>(qr, kr, kn, d, sr, lds, pre); break;
-          case 128: avx2::qk4<128, S>(qr, kr, kn, d, sr, lds, pre); break;
-          case 256: avx2::qk4<256, S>(qr, kr, kn, d, sr, lds, pre); break;
-          default: avx2::qk4<0, S>(qr, kr, kn, d, sr, lds, pre); break;
-        }
+        by_head_dim(d, [&](auto dc) { avx2::qk4<decltype(dc)::value, S>(qr, kr, kn, d, sr, lds, pre); });
       }
       if (r < rows) qk(q + r * ldq, rows - r, ldq, kr, kn, d, s + r * lds, lds, {});
       return;
@@ -646,23 +650,19 @@ void qk_any(bool fast, const C* q, int64_t rows, int64_t ldq, const S* const* kr
 template <typename S, typename C>
 void pv_any(bool fast, const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,
             int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {
+  // The output tiles pace the next block's rows over this block's kn keys: rows beyond those go out now.
+  if (pre.n > kn) {
+    for (int64_t j = kn; j < pre.n; ++j) dv::prefetch(pre.rows[j], pre.bytes);
+    pre.n = kn;
+  }
 #ifdef FA_DECODE_AVX2
   if constexpr (std::is_same<C, float>::value) {
     if (fast && rows >= 4 && d % 16 == 0 && ldo == d) {
-      if (pre.n > kn) {  // rows the loops below do not reach
-        for (int64_t j = kn; j < pre.n; ++j) dv::prefetch(pre.rows[j], pre.bytes);
-        pre.n = kn;
-      }
       int64_t r = 0;
       for (; r + 4 <= rows; r += 4, pre = {}) {
         const float* prr = pr + r * ldp;
         float* orr = o + r * ldo;
-        switch (d) {
-          case 64: avx2::pv4<64, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
-          case 128: avx2::pv4<128, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
-          case 256: avx2::pv4<256, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
-          default: avx2::pv4<0, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); break;
-        }
+        by_head_dim(d, [&](auto dc) { avx2::pv4<decltype(dc)::value, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); });
       }
       if (r < rows) pv(pr + r * ldp, rows - r, ldp, alpha + r, vr, kn, d, o + r * ldo, ldo, {});
       return;
