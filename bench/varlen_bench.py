@@ -48,7 +48,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns: dict, reps: int) -> dict:
+def timed(fns: dict, reps: int, samples: bool = False) -> dict:
+    """Median ms of each function, the functions run in turn within each repeat; with samples=True the lists of
+    per-repeat times instead."""
     for f in fns.values():  # warm-up
         f()
     sync()
@@ -59,7 +61,7 @@ def timed(fns: dict, reps: int) -> dict:
             f()
             sync()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times if samples else {k: statistics.median(v) for k, v in times.items()}
 
 
 def spread_lengths(total: int, lo: int, hi: int, g: torch.Generator) -> list[int]:
@@ -223,7 +225,7 @@ def mods_case(s: int, h: int, d: int, reps: int, dtype, causal: bool, device: st
         "alibi": lambda: fused_attn.flash(q, k, v, causal=causal, alibi_slopes=slopes),
         "softcap+alibi": lambda: fused_attn.flash(q, k, v, causal=causal, softcap=30.0, alibi_slopes=slopes),
     }
-    fwd = timed(fns, reps)
+    fwd = timed(fns, reps, samples=True)
 
     def fb(f):
         def run():
@@ -233,11 +235,14 @@ def mods_case(s: int, h: int, d: int, reps: int, dtype, causal: bool, device: st
             fused_attn.flash(qq, kk, vv, causal=causal, **f2).sum().backward()
         return run
 
-    both = timed({name: fb(name) for name in fns}, reps)
+    both = timed({name: fb(name) for name in fns}, reps, samples=True)
     rows = []
     for passname, res in (("fwd", fwd), ("fwd+bwd", both)):
-        for name, t in res.items():
-            rows.append(dict(group="mods", impl=name, pass_=passname, ms=t, overhead=t / res["plain"] - 1,
+        for name, ts in res.items():
+            # overhead: the median of the per-repeat ratios to the plain call run just before it (paired, so a
+            # slow spell of a shared machine moves both times of a pair, not the ratio)
+            ratio = statistics.median(t / p for t, p in zip(ts, res["plain"]))
+            rows.append(dict(group="mods", impl=name, pass_=passname, ms=statistics.median(ts), overhead=ratio - 1,
                              s=s, heads=h, d=d, dtype=str(dtype).replace("torch.", ""),
                              pattern="causal" if causal else "dense"))
     return rows
@@ -259,8 +264,8 @@ def main(argv=None):
         rows += mods_case(256, 2, 32, reps, torch.float32, True)
     else:
         rows += varlen_case(32768, 64, 4096, 8, 64, reps, torch.float32)
-        rows += mods_case(2048, 8, 64, reps, torch.float32, True)
-        rows += mods_case(2048, 8, 64, reps, torch.float32, False)
+        rows += mods_case(2048, 8, 64, 15, torch.float32, True)
+        rows += mods_case(2048, 8, 64, 15, torch.float32, False)
     meta = dict(machine=f"cpu-{torch.get_num_threads()}threads", processor=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 date=datetime.date.today().isoformat())

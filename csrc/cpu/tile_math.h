@@ -365,23 +365,44 @@ FA_CPU_INLINE float hsum(F v) {
 // rounding), and 2^n added straight into the exponent bits. ~14 vector ops per vector, against ~24 for a
 // natural-base Cephes exp with clamps. kClampHigh = false where x <= 127 is known, as in x = score - row max
 // (<= 0) in the softmax steps and x = score - lse (above 0 by rounding at most) in the backward: one min less.
+// kLow = false where x >= -125 is known (no -inf, no NaN): two operations less.
+// On U vectors x[u] in place, each step on all U before the next (as tanh_of_exp_n).
+template <typename F, int U, bool kClampHigh = true, bool kLow = true>
+FA_CPU_INLINE void exp2_n(F* x) {
+  using I = int_of<F>;
+  const F magic = F{} + 12582912.0f;
+  I keep[U];
+  F t[U], f[U], y[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    if constexpr (kLow) keep[u] = x[u] >= (F{} + -125.0f);
+    if constexpr (kClampHigh) x[u] = vmin(x[u], F{} + 127.0f);
+    t[u] = x[u] + magic;
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) f[u] = x[u] - (t[u] - magic);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) y[u] = (F{} + 1.535612594e-4f) * f[u] + 1.339881786e-3f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 9.618427777e-3f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 5.550332683e-2f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 2.402264799e-1f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 6.931472027e-1f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 1.0f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const I bits = (I)y[u] + ((I)t[u] << 23);
+    x[u] = kLow ? (F)(bits & keep[u]) : (F)bits;
+  }
+}
 template <typename F, bool kClampHigh = true>
 FA_CPU_INLINE F exp2(F x) {
-  using I = int_of<F>;
-  const I keep = x >= (F{} + -125.0f);
-  if constexpr (kClampHigh) x = vmin(x, F{} + 127.0f);
-  const F magic = F{} + 12582912.0f;
-  const F t = x + magic;
-  const F f = x - (t - magic);
-  F y = F{} + 1.535612594e-4f;
-  y = y * f + 1.339881786e-3f;
-  y = y * f + 9.618427777e-3f;
-  y = y * f + 5.550332683e-2f;
-  y = y * f + 2.402264799e-1f;
-  y = y * f + 6.931472027e-1f;
-  y = y * f + 1.0f;
-  const I bits = (I)y + ((I)t << 23);
-  return (F)(bits & keep);
+  exp2_n<F, 1, kClampHigh>(&x);
+  return x;
 }
 // 2^x for x <= 0 (a rounding step above 0 is fine: all it needs is x <= 127); -inf and NaN give 0.
 template <typename F>
@@ -464,22 +485,55 @@ inline double cap_arg_scale(double inv_cap) { return 2.0 * 1.4426950408889634074
 // the cancellation of 2^x - 1: x = n + f (f in [-0.5, 0.5]), 2^f - 1 = f q(f) (q of degree 5, a relative-error
 // fit, 1.2e-7 in fp32), E = 2^n (f q) + (2^n - 1), exact for n = 0. |x| is clamped at 30, where tanh is 1 in
 // fp32, so -inf and NaN come out as -1 and 1 (callers restore masked -inf).
-template <typename F>
-FA_CPU_INLINE F tanh_of_exp(F x) {
+//
+// On U vectors: x[u] <- tanh(u) for the exponent x = x[u] * xk, each step taken on all U before the next. GCC emits the
+// statements in source order, and one vector's chain (~60 cycles: the polynomial, the division) written out
+// whole filled the out-of-order window with dependent work: four interleaved took a tanh pass over a tile from
+// 9.6 to 8.6 cycles a vector (one thread, AVX2 EPYC).
+template <typename F, int U>
+FA_CPU_INLINE void tanh_of_exp_n(F* x, float xk) {
   using I = int_of<F>;
-  x = vmax(vmin(x, splat<F>(30.0f)), splat<F>(-30.0f));
   const F magic = splat<F>(12582912.0f);
-  const F t = x + magic;
-  const F f = x - (t - magic);
-  F q = splat<F>(1.5403502038680017e-4f);
-  q = q * f + 1.3390736421570182e-3f;
-  q = q * f + 9.618237614631653e-3f;
-  q = q * f + 5.550357326865196e-2f;
-  q = q * f + 2.4022649228572845e-1f;
-  q = q * f + 6.931471824645996e-1f;
-  const F pw = (F)(((I)t << 23) + splat_i<F>(0x3f800000));  // 2^n
-  const F e = pw * (f * q) + (pw - 1.0f);
-  return e / (e + 2.0f);
+  F t[U], f[U], q[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) x[u] = vmax(vmin(x[u] * xk, splat<F>(30.0f)), splat<F>(-30.0f));
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) t[u] = x[u] + magic;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) f[u] = x[u] - (t[u] - magic);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) q[u] = splat<F>(1.5403502038680017e-4f) * f[u] + 1.3390736421570182e-3f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 9.618237614631653e-3f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 5.550357326865196e-2f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 2.4022649228572845e-1f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 6.931471824645996e-1f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const F pw = (F)(((I)t[u] << 23) + splat_i<F>(0x3f800000));  // 2^n
+    x[u] = pw * (f[u] * q[u]) + (pw - 1.0f);                     // E
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) x[u] = x[u] / (x[u] + 2.0f);
+}
+// One vector: tanh(u) of x * xk.
+template <typename F>
+FA_CPU_INLINE F tanh_of_exp(F x, float xk) {
+  tanh_of_exp_n<F, 1>(&x, xk);
+  return x;
+}
+
+// The capped score from th = tanh(s / cap): cap_mul * th, less the ALiBi bias when kAlibi; g, when non-null,
+// gets d(capped)/ds = 1 - th^2.
+template <typename F, bool kAlibi>
+FA_CPU_INLINE F capped_of_tanh(F th, float cap_mul, float a, float dstart, float step, F* g) {
+  if (g) *g = splat<F>(1.0f) - th * th;
+  F y = cap_mul * th;
+  if constexpr (kAlibi) y -= a * alibi_dist<F>(dstart, step);
+  return y;
 }
 
 // The modifiers with the choices fixed at compile time (kCap: a softcap, kAlibi: an ALiBi bias, kMask: the
@@ -493,13 +547,28 @@ FA_CPU_INLINE F score_mod_k(F y, float xk, float cap_mul, float a, float dstart,
     const float ninf = -std::numeric_limits<float>::infinity();
     int_of<F> masked{};
     if constexpr (kMask) masked = y == splat<F>(ninf);
-    const F th = tanh_of_exp(y * xk);
-    if (g) *g = splat<F>(1.0f) - th * th;
-    y = cap_mul * th;
-    if constexpr (kAlibi) y -= a * alibi_dist<F>(dstart, step);
+    y = capped_of_tanh<F, kAlibi>(tanh_of_exp(y, xk), cap_mul, a, dstart, step, g);
     if constexpr (kMask) y = masked ? splat<F>(ninf) : y;
     return y;
   }
+}
+
+// row[c] <- tanh(row[c] / cap) (xk = cap_arg_scale(1 / cap)) for c < n, four vectors at a time. No -inf
+// in the row (its tanh comes out as -1).
+template <typename F>
+FA_CPU_INLINE void tanh_row(float* row, int64_t n, float xk) {
+  constexpr int W = width<F>;
+  int64_t c = 0;
+  for (; c + 4 * W <= n; c += 4 * W) {
+    F x[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) x[u] = load<F>(row + c + u * W);
+    tanh_of_exp_n<F, 4>(x, xk);
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) store(row + c + u * W, x[u]);
+  }
+  for (; c + W <= n; c += W) store(row + c, tanh_of_exp(load<F>(row + c), xk));
+  if (c < n) store_part(row + c, tanh_of_exp(load_part<F>(row + c, n - c, 0.0f), xk), n - c);
 }
 }  // namespace vec
 
@@ -634,25 +703,50 @@ struct RowMod {
 };
 
 // The first pass over a row with modifiers: y = mod(s) stored back, returns the running max vector (kMax;
-// else -inf). Two vectors per step: the softcap's chain (expm1, division) is long, and two independent ones
-// keep the pipes busy.
+// else -inf). Several vectors per step: the softcap's chain (expm1, division) is long, and with four
+// independent ones interleaved (vec::tanh_of_exp_n) the pipes stay busy.
 template <typename F, bool kCap, bool kAlibi, bool kMask, bool kMax = true>
 FA_CPU_INLINE F mod_max_row(float* row, int64_t cols, const RowMod& md, float dr) {
   constexpr int W = vec::width<F>;
+  constexpr int U = kCap ? 4 : 2;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t cv = cols - cols % W;
   F vm0 = vec::splat<F>(kNegInf), vm1 = vm0;
   int64_t c = 0;
-  for (; c + 2 * W <= cv; c += 2 * W) {
-    const F y0 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c), md.xk, md.cap_mul, md.a,
-                                                          dr - static_cast<float>(c), -1.0f, nullptr);
-    const F y1 = vec::score_mod_k<F, kCap, kAlibi, kMask>(vec::load<F>(row + c + W), md.xk, md.cap_mul, md.a,
-                                                          dr - static_cast<float>(c + W), -1.0f, nullptr);
-    vec::store(row + c, y0);
-    vec::store(row + c + W, y1);
-    if constexpr (kMax) {
-      vm0 = vec::vmax(vm0, y0);
-      vm1 = vec::vmax(vm1, y1);
+  for (; c + U * W <= cv; c += U * W) {
+    F y[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) y[u] = vec::load<F>(row + c + u * W);
+    if constexpr (kCap) {
+      vec::int_of<F> masked[U];
+      F th[U];
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        if constexpr (kMask) masked[u] = y[u] == vec::splat<F>(kNegInf);
+        th[u] = y[u];
+      }
+      vec::tanh_of_exp_n<F, U>(th, md.xk);
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        y[u] = vec::capped_of_tanh<F, kAlibi>(th[u], md.cap_mul, md.a, dr - static_cast<float>(c + u * W), -1.0f,
+                                              nullptr);
+        if constexpr (kMask) y[u] = masked[u] ? vec::splat<F>(kNegInf) : y[u];
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u)
+        y[u] = vec::score_mod_k<F, false, kAlibi, kMask>(y[u], md.xk, md.cap_mul, md.a,
+                                                        dr - static_cast<float>(c + u * W), -1.0f, nullptr);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      vec::store(row + c + u * W, y[u]);
+      if constexpr (kMax) {
+        if (u % 2 == 0)
+          vm0 = vec::vmax(vm0, y[u]);
+        else
+          vm1 = vec::vmax(vm1, y[u]);
+      }
     }
   }
   for (; c < cv; c += W) {
@@ -670,6 +764,58 @@ FA_CPU_INLINE F mod_max_row(float* row, int64_t cols, const RowMod& md, float dr
   return vec::vmax(vm0, vm1);
 }
 
+// The forward's row for RowMod kind 12 (a softcap with the fixed max m = cap_mul, no ALiBi, nothing masked) in
+// one pass: P = 2^(cap_mul * tanh - m) straight from the raw scores, eight vectors interleaved; returns the
+// row's sum vector. The exponent lies in [-2 cap_mul, 0] with 2 cap_mul <= 125 (RowMod::m_fixed), so exp2
+// needs neither of its clamps. Against the two passes (mod_max_row, then exp2 over the stored row): 17.4
+// against 18.6 cycles a vector, plain 9.5 (128 x 128 tile, one thread, AVX2 EPYC).
+template <typename F>
+FA_CPU_INLINE F cap_fixed_vec(F x, float xk, float cap_mul, F vsub) {
+  vec::tanh_of_exp_n<F, 1>(&x, xk);
+  x = cap_mul * x - vsub;
+  vec::exp2_n<F, 1, false, false>(&x);
+  return x;
+}
+template <typename F>
+FA_CPU_INLINE F cap_fixed_row(float* row, int64_t cols, const RowMod& md) {
+  constexpr int W = vec::width<F>;
+  constexpr int U = 8;
+  const F vsub = vec::splat<F>(md.m_fixed);
+  F vs[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) vs[u] = F{};
+  int64_t c = 0;
+  for (; c + U * W <= cols; c += U * W) {
+    F x[U];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) x[u] = vec::load<F>(row + c + u * W);
+    vec::tanh_of_exp_n<F, U>(x, md.xk);
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) x[u] = md.cap_mul * x[u] - vsub;
+    vec::exp2_n<F, U, false, false>(x);
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      vec::store(row + c + u * W, x[u]);
+      vs[u] += x[u];
+    }
+  }
+  for (; c + W <= cols; c += W) {
+    const F x = cap_fixed_vec<F>(vec::load<F>(row + c), md.xk, md.cap_mul, vsub);
+    vec::store(row + c, x);
+    vs[0] += x;
+  }
+  if (c < cols) {  // the lanes past the row count 0
+    const int64_t n = cols - c;
+    F x = cap_fixed_vec<F>(vec::load_part<F>(row + c, n, 0.0f), md.xk, md.cap_mul, vsub);
+    x = (F)((vec::int_of<F>)x & (vec::iota<F>() < static_cast<float>(n)));
+    vec::store_part(row + c, x, n);
+    vs[0] += x;
+  }
+#pragma GCC unroll 8
+  for (int u = 1; u < U; ++u) vs[0] += vs[u];
+  return vs[0];
+}
+
 template <typename F>
 FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l,
                                          float* alpha, const RowMod* mod) {
@@ -684,7 +830,13 @@ FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, i
       const float dr = md.d0 + static_cast<float>(r);
       switch (md.kind()) {
         case 13: mod_max_row<F, true, false, true, false>(row, cols, md, dr); vm = vec::splat<F>(md.m_fixed); break;
-        case 12: mod_max_row<F, true, false, false, false>(row, cols, md, dr); vm = vec::splat<F>(md.m_fixed); break;
+        case 12: {  // one pass (cap_fixed_row); the bookkeeping below with tile max m_fixed
+          const float m_old = m[r];
+          alpha[r] = m_old == md.m_fixed ? 1.0f : std::exp2(m_old - md.m_fixed);
+          l[r] = l[r] * alpha[r] + vec::hsum(cap_fixed_row<F>(row, cols, md));
+          m[r] = md.m_fixed;
+          continue;
+        }
         case 7: vm = mod_max_row<F, true, true, true>(row, cols, md, dr); break;
         case 6: vm = mod_max_row<F, true, true, false>(row, cols, md, dr); break;
         case 5: vm = mod_max_row<F, true, false, true>(row, cols, md, dr); break;
@@ -760,12 +912,15 @@ inline void softmax_step(double* s, int64_t rows, int64_t cols, int64_t ld, doub
 // registers first, and dS picks up the cap's chain-rule factor 1 - tanh^2 there too, instead of a separate
 // modifier pass that stored the tile and a 1 - tanh^2 tile and a third pass multiplying it in. Distances for
 // ALiBi on this transposed tile: mod->d0 at (0, 0), -1 per row (key), +1 per column (query).
-template <typename F, bool kCap, bool kAlibi, bool kMask, bool kFull>
+// kTh: s holds th = tanh(s / cap) already (probs_dsoft_f32_body's tanh pass), not the raw score.
+template <typename F, bool kCap, bool kAlibi, bool kMask, bool kFull, bool kTh>
 FA_CPU_INLINE void probs_dsoft_vec(float* srow, float* drow, int64_t n, const float* lse_adj, const float* delta,
                                    float scale, const RowMod& md, float dstart) {
   F y = vec::load_n<F, kFull>(srow, n, 0.0f);
   F g;
-  if constexpr (kCap || kAlibi)
+  if constexpr (kTh)
+    y = vec::capped_of_tanh<F, kAlibi>(y, md.cap_mul, md.a, dstart, 1.0f, &g);
+  else if constexpr (kCap || kAlibi)
     y = vec::score_mod_k<F, kCap, kAlibi, kMask>(y, md.xk, md.cap_mul, md.a, dstart, 1.0f, kCap ? &g : nullptr);
   const F pr = vec::exp2_nonpos(y - vec::load_n<F, kFull>(lse_adj, n, 0.0f));
   F ds = (pr * scale) * (vec::load_n<F, kFull>(drow, n, 0.0f) - vec::load_n<F, kFull>(delta, n, 0.0f));
@@ -773,18 +928,24 @@ FA_CPU_INLINE void probs_dsoft_vec(float* srow, float* drow, int64_t n, const fl
   vec::store_n<F, kFull>(srow, pr, n);
   vec::store_n<F, kFull>(drow, ds, n);
 }
-template <typename F, bool kCap, bool kAlibi, bool kMask>
+template <typename F, bool kCap, bool kAlibi, bool kMask, bool kTh = false>
 FA_CPU_INLINE void probs_dsoft_row(float* srow, float* drow, int64_t cols, const float* lse_adj, const float* delta,
                                    float scale, const RowMod& md, float dline) {
   constexpr int W = vec::width<F>;
   const int64_t cv = cols - cols % W;
   for (int64_t c = 0; c < cv; c += W)
-    probs_dsoft_vec<F, kCap, kAlibi, kMask, true>(srow + c, drow + c, W, lse_adj + c, delta + c, scale, md,
-                                                  dline + static_cast<float>(c));
+    probs_dsoft_vec<F, kCap, kAlibi, kMask, true, kTh>(srow + c, drow + c, W, lse_adj + c, delta + c, scale, md,
+                                                       dline + static_cast<float>(c));
   if (cv < cols)
-    probs_dsoft_vec<F, kCap, kAlibi, kMask, false>(srow + cv, drow + cv, cols - cv, lse_adj + cv, delta + cv, scale,
-                                                   md, dline + static_cast<float>(cv));
+    probs_dsoft_vec<F, kCap, kAlibi, kMask, false, kTh>(srow + cv, drow + cv, cols - cv, lse_adj + cv, delta + cv,
+                                                        scale, md, dline + static_cast<float>(cv));
 }
+// With a softcap on a tile without masked scores, each row takes two passes: the tanh (vec::tanh_row, four
+// independent chains at a time) and then P and dS from it. Done in one pass, each vector's chain ran from the
+// raw score through the tanh, exp2 and dS (~90 cycles) and the pass was latency-bound: 32 cycles a vector
+// against 10.6 for the plain pass, two passes 21.5 (64 x 64 tile, one thread, AVX2 EPYC); softcap over plain
+// forward+backward, B1 H8 S2048 D64 causal: +12-14% -> +7-8%. The results are the same bit for bit. Tiles
+// with masked scores (the diagonal ones) keep the single pass, which keeps -inf out of the tanh.
 template <typename F>
 FA_CPU_INLINE void probs_dsoft_f32_body(float* s, float* dp, int64_t rows, int64_t cols, int64_t ld,
                                         const float* lse_adj, const float* delta, float scale, const RowMod* mod) {
@@ -796,9 +957,15 @@ FA_CPU_INLINE void probs_dsoft_f32_body(float* s, float* dp, int64_t rows, int64
     const float dl = md.d0 - static_cast<float>(r);
     switch (kind) {
       case 7: probs_dsoft_row<F, true, true, true>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
-      case 6: probs_dsoft_row<F, true, true, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+      case 6:
+        vec::tanh_row<F>(srow, cols, md.xk);
+        probs_dsoft_row<F, true, true, false, true>(srow, drow, cols, lse_adj, delta, scale, md, dl);
+        break;
       case 5: probs_dsoft_row<F, true, false, true>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
-      case 4: probs_dsoft_row<F, true, false, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
+      case 4:
+        vec::tanh_row<F>(srow, cols, md.xk);
+        probs_dsoft_row<F, true, false, false, true>(srow, drow, cols, lse_adj, delta, scale, md, dl);
+        break;
       case 3: case 2: probs_dsoft_row<F, false, true, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
       default: probs_dsoft_row<F, false, false, false>(srow, drow, cols, lse_adj, delta, scale, md, dl); break;
     }
