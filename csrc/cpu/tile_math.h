@@ -358,6 +358,18 @@ FA_CPU_INLINE float hsum(F v) {
   return v[0];
 }
 
+// y[u] <- c[0] f[u]^(N-1) + ... + c[N-1] for u < U, by Horner's rule, each step on all U vectors before the
+// next (see tanh_of_exp_n).
+template <typename F, int U, int N>
+FA_CPU_INLINE void horner_n(F* y, const F* f, const float (&c)[N]) {
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) y[u] = splat<F>(c[0]) * f[u] + c[1];
+#pragma GCC unroll 8
+  for (int i = 2; i < N; ++i)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + c[i];
+}
+
 // 2^x for x <= 127; exactly 0 below -125 (also for -inf and NaN), so masked scores give P = 0.
 // The kernels work in base 2 (scores pre-scaled by log2(e), as FlashAttention does), which saves the
 // two-constant ln2 range reduction. n = round(x) through the 1.5 * 2^23 trick (the low bits of t hold n),
@@ -381,18 +393,8 @@ FA_CPU_INLINE void exp2_n(F* x) {
   }
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) f[u] = x[u] - (t[u] - magic);
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) y[u] = (F{} + 1.535612594e-4f) * f[u] + 1.339881786e-3f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 9.618427777e-3f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 5.550332683e-2f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 2.402264799e-1f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 6.931472027e-1f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + 1.0f;
+  horner_n<F, U>(y, f, {1.535612594e-4f, 1.339881786e-3f, 9.618427777e-3f, 5.550332683e-2f, 2.402264799e-1f,
+                        6.931472027e-1f, 1.0f});
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
     const I bits = (I)y[u] + ((I)t[u] << 23);
@@ -501,16 +503,8 @@ FA_CPU_INLINE void tanh_of_exp_n(F* x, float xk) {
   for (int u = 0; u < U; ++u) t[u] = x[u] + magic;
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) f[u] = x[u] - (t[u] - magic);
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) q[u] = splat<F>(1.5403502038680017e-4f) * f[u] + 1.3390736421570182e-3f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 9.618237614631653e-3f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 5.550357326865196e-2f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 2.4022649228572845e-1f;
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) q[u] = q[u] * f[u] + 6.931471824645996e-1f;
+  horner_n<F, U>(q, f, {1.5403502038680017e-4f, 1.3390736421570182e-3f, 9.618237614631653e-3f,
+                        5.550357326865196e-2f, 2.4022649228572845e-1f, 6.931471824645996e-1f});
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
     const F pw = (F)(((I)t[u] << 23) + splat_i<F>(0x3f800000));  // 2^n
