@@ -910,7 +910,7 @@ void kvcache_impl(const AttnParams& p) {
           const int64_t r = (hh * grp + hg) * qn + i;
           S* orow = o + p.o_st.at(b, h, si.q_off + q0 + i);
           C* lrow = lse + b * p.lse_b + h * p.lse_h + si.q_off + q0 + i;
-          if (!(l[r] > 0)) {
+          if (l[r] == 0) {  // sees no key (a NaN sum gives a NaN row below)
             for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<S>(0);
             *lrow = kNegInf;
             continue;
@@ -938,9 +938,16 @@ void kvcache_impl(const AttnParams& p) {
           S* orow = o + p.o_st.at(b, h, si.q_off + q0 + i);
           C* lrow = lse + b * p.lse_b + h * p.lse_h + si.q_off + q0 + i;
           C mx = kNegInf;
+          bool nan = false;  // a part's sum is NaN (a NaN score): the row is NaN, as its single-pass result
           for (int64_t t = 0; t < ns; ++t) {
             const C* pt = base + t * slot + rows_max * d;
             if (pt[rows_max + r] > 0) mx = std::max(mx, pt[r]);
+            nan = nan || std::isnan(pt[rows_max + r]);
+          }
+          if (nan) {
+            for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<S>(std::numeric_limits<C>::quiet_NaN());
+            *lrow = std::numeric_limits<C>::quiet_NaN();
+            continue;
           }
           if (mx == kNegInf) {
             for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<S>(0);

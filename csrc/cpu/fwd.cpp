@@ -178,7 +178,7 @@ void fwd_impl(const AttnParams& p) {
     T* lrow = lse + b * p.lse_b + h * p.lse_h + sinfo.q_off + q0;
     for (int64_t r = 0; r < qn; ++r) {
       T* orow = o + p.o_st.at(b, h, sinfo.q_off + q0 + r);
-      if (!started || !(l[r] > 0)) {
+      if (!started || l[r] == 0) {  // sees no key (a NaN sum, from a NaN score, gives a NaN row below)
         for (int64_t c = 0; c < d; ++c) orow[c] = 0;
         lrow[r] = kNegInf;
       } else {

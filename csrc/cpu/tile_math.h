@@ -370,25 +370,29 @@ FA_CPU_INLINE void horner_n(F* y, const F* f, const float (&c)[N]) {
     for (int u = 0; u < U; ++u) y[u] = y[u] * f[u] + c[i];
 }
 
-// 2^x for x <= 127; exactly 0 below -125 (also for -inf and NaN), so masked scores give P = 0.
+// 2^x for x <= 127; exactly 0 below -125 and for -inf, so masked scores give P = 0; NaN stays NaN (so a NaN
+// score makes its row's sum and output NaN, as in PyTorch, instead of being dropped as a zero). The low cut is
+// an and-not with x < -125, false for NaN: as many operations as an and with x >= -125. (The NaN comes out
+// as NaN when its low 9 payload bits are 0, as for the NaN of float("nan"), 0/0, inf - inf and every
+// fp16/bf16 NaN converted; other payloads end as a finite value.)
 // The kernels work in base 2 (scores pre-scaled by log2(e), as FlashAttention does), which saves the
 // two-constant ln2 range reduction. n = round(x) through the 1.5 * 2^23 trick (the low bits of t hold n),
 // f = x - n in [-0.5, 0.5], 2^f by a degree-6 polynomial (relative-error fit, 1e-7 max in fp32 with
 // rounding), and 2^n added straight into the exponent bits. ~14 vector ops per vector, against ~24 for a
 // natural-base Cephes exp with clamps. kClampHigh = false where x <= 127 is known, as in x = score - row max
 // (<= 0) in the softmax steps and x = score - lse (above 0 by rounding at most) in the backward: one min less.
-// kLow = false where x >= -125 is known (no -inf, no NaN): two operations less.
+// kLow = false where x >= -125 is known (no -inf): two operations less.
 // On U vectors x[u] in place, each step on all U before the next (as tanh_of_exp_n).
 template <typename F, int U, bool kClampHigh = true, bool kLow = true>
 FA_CPU_INLINE void exp2_n(F* x) {
   using I = int_of<F>;
   const F magic = F{} + 12582912.0f;
-  I keep[U];
+  I cut[U];
   F t[U], f[U], y[U];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
-    if constexpr (kLow) keep[u] = x[u] >= (F{} + -125.0f);
-    if constexpr (kClampHigh) x[u] = vmin(x[u], F{} + 127.0f);
+    if constexpr (kLow) cut[u] = x[u] < (F{} + -125.0f);
+    if constexpr (kClampHigh) x[u] = vmin(F{} + 127.0f, x[u]);  // NaN stays
     t[u] = x[u] + magic;
   }
 #pragma GCC unroll 8
@@ -398,7 +402,7 @@ FA_CPU_INLINE void exp2_n(F* x) {
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
     const I bits = (I)y[u] + ((I)t[u] << 23);
-    x[u] = kLow ? (F)(bits & keep[u]) : (F)bits;
+    x[u] = kLow ? (F)(bits & ~cut[u]) : (F)bits;
   }
 }
 template <typename F, bool kClampHigh = true>
@@ -406,7 +410,7 @@ FA_CPU_INLINE F exp2(F x) {
   exp2_n<F, 1, kClampHigh>(&x);
   return x;
 }
-// 2^x for x <= 0 (a rounding step above 0 is fine: all it needs is x <= 127); -inf and NaN give 0.
+// 2^x for x <= 0 (a rounding step above 0 is fine: all it needs is x <= 127); -inf gives 0, NaN NaN.
 template <typename F>
 FA_CPU_INLINE F exp2_nonpos(F x) {
   return exp2<F, false>(x);
@@ -486,7 +490,8 @@ inline double cap_arg_scale(double inv_cap) { return 2.0 * 1.4426950408889634074
 // (~1e-7) times a cap of 50 moved the scores 30x more than PyTorch's fp32 tanh does. E is computed without
 // the cancellation of 2^x - 1: x = n + f (f in [-0.5, 0.5]), 2^f - 1 = f q(f) (q of degree 5, a relative-error
 // fit, 1.2e-7 in fp32), E = 2^n (f q) + (2^n - 1), exact for n = 0. |x| is clamped at 30, where tanh is 1 in
-// fp32, so -inf and NaN come out as -1 and 1 (callers restore masked -inf).
+// fp32, so -inf comes out as -1 (callers restore masked -inf); NaN stays NaN (vmin / vmax return their second
+// operand when either is NaN).
 //
 // On U vectors: x[u] <- tanh(u) for the exponent x = x[u] * xk, each step taken on all U before the next. GCC emits the
 // statements in source order, and one vector's chain (~60 cycles: the polynomial, the division) written out
@@ -498,7 +503,7 @@ FA_CPU_INLINE void tanh_of_exp_n(F* x, float xk) {
   const F magic = splat<F>(12582912.0f);
   F t[U], f[U], q[U];
 #pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) x[u] = vmax(vmin(x[u] * xk, splat<F>(30.0f)), splat<F>(-30.0f));
+  for (int u = 0; u < U; ++u) x[u] = vmax(splat<F>(-30.0f), vmin(splat<F>(30.0f), x[u] * xk));  // NaN stays
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) t[u] = x[u] + magic;
 #pragma GCC unroll 8
