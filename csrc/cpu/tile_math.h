@@ -381,9 +381,8 @@ FA_CPU_INLINE void horner_n(F* y, const F* f, const float (&c)[N]) {
 // rounding), and 2^n added straight into the exponent bits. ~14 vector ops per vector, against ~24 for a
 // natural-base Cephes exp with clamps. kClampHigh = false where x <= 127 is known, as in x = score - row max
 // (<= 0) in the softmax steps and x = score - lse (above 0 by rounding at most) in the backward: one min less.
-// kLow = false where x >= -125 is known (no -inf): two operations less.
 // On U vectors x[u] in place, each step on all U before the next (as tanh_of_exp_n).
-template <typename F, int U, bool kClampHigh = true, bool kLow = true>
+template <typename F, int U, bool kClampHigh = true>
 FA_CPU_INLINE void exp2_n(F* x) {
   using I = int_of<F>;
   const F magic = F{} + 12582912.0f;
@@ -391,7 +390,7 @@ FA_CPU_INLINE void exp2_n(F* x) {
   F t[U], f[U], y[U];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
-    if constexpr (kLow) cut[u] = x[u] < (F{} + -125.0f);
+    cut[u] = x[u] < (F{} + -125.0f);
     if constexpr (kClampHigh) x[u] = vmin(F{} + 127.0f, x[u]);  // NaN stays
     t[u] = x[u] + magic;
   }
@@ -402,7 +401,7 @@ FA_CPU_INLINE void exp2_n(F* x) {
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
     const I bits = (I)y[u] + ((I)t[u] << 23);
-    x[u] = kLow ? (F)(bits & ~cut[u]) : (F)bits;
+    x[u] = (F)(bits & ~cut[u]);
   }
 }
 template <typename F, bool kClampHigh = true>
@@ -493,10 +492,10 @@ inline double cap_arg_scale(double inv_cap) { return 2.0 * 1.4426950408889634074
 // fp32, so -inf comes out as -1 (callers restore masked -inf); NaN stays NaN (vmin / vmax return their second
 // operand when either is NaN).
 //
-// On U vectors: x[u] <- tanh(u) for the exponent x = x[u] * xk, each step taken on all U before the next. GCC emits the
-// statements in source order, and one vector's chain (~60 cycles: the polynomial, the division) written out
-// whole filled the out-of-order window with dependent work: four interleaved took a tanh pass over a tile from
-// 9.6 to 8.6 cycles a vector (one thread, AVX2 EPYC).
+// On U vectors: x[u] <- tanh(u) for the exponent x = x[u] * xk, each step taken on all U before the next.
+// GCC emits the statements in source order, and one vector's chain (~60 cycles: the polynomial, the division)
+// written out whole filled the out-of-order window with dependent work: four interleaved took a tanh pass over
+// a tile from 9.6 to 8.6 cycles a vector (one thread, AVX2 EPYC).
 template <typename F, int U>
 FA_CPU_INLINE void tanh_of_exp_n(F* x, float xk) {
   using I = int_of<F>;
@@ -763,58 +762,6 @@ FA_CPU_INLINE F mod_max_row(float* row, int64_t cols, const RowMod& md, float dr
   return vec::vmax(vm0, vm1);
 }
 
-// The forward's row for RowMod kind 12 (a softcap with the fixed max m = cap_mul, no ALiBi, nothing masked) in
-// one pass: P = 2^(cap_mul * tanh - m) straight from the raw scores, eight vectors interleaved; returns the
-// row's sum vector. The exponent lies in [-2 cap_mul, 0] with 2 cap_mul <= 125 (RowMod::m_fixed), so exp2
-// needs neither of its clamps. Against the two passes (mod_max_row, then exp2 over the stored row): 17.4
-// against 18.6 cycles a vector, plain 9.5 (128 x 128 tile, one thread, AVX2 EPYC).
-template <typename F>
-FA_CPU_INLINE F cap_fixed_vec(F x, float xk, float cap_mul, F vsub) {
-  vec::tanh_of_exp_n<F, 1>(&x, xk);
-  x = cap_mul * x - vsub;
-  vec::exp2_n<F, 1, false, false>(&x);
-  return x;
-}
-template <typename F>
-FA_CPU_INLINE F cap_fixed_row(float* row, int64_t cols, const RowMod& md) {
-  constexpr int W = vec::width<F>;
-  constexpr int U = 8;
-  const F vsub = vec::splat<F>(md.m_fixed);
-  F vs[U];
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) vs[u] = F{};
-  int64_t c = 0;
-  for (; c + U * W <= cols; c += U * W) {
-    F x[U];
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) x[u] = vec::load<F>(row + c + u * W);
-    vec::tanh_of_exp_n<F, U>(x, md.xk);
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) x[u] = md.cap_mul * x[u] - vsub;
-    vec::exp2_n<F, U, false, false>(x);
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
-      vec::store(row + c + u * W, x[u]);
-      vs[u] += x[u];
-    }
-  }
-  for (; c + W <= cols; c += W) {
-    const F x = cap_fixed_vec<F>(vec::load<F>(row + c), md.xk, md.cap_mul, vsub);
-    vec::store(row + c, x);
-    vs[0] += x;
-  }
-  if (c < cols) {  // the lanes past the row count 0
-    const int64_t n = cols - c;
-    F x = cap_fixed_vec<F>(vec::load_part<F>(row + c, n, 0.0f), md.xk, md.cap_mul, vsub);
-    x = (F)((vec::int_of<F>)x & (vec::iota<F>() < static_cast<float>(n)));
-    vec::store_part(row + c, x, n);
-    vs[0] += x;
-  }
-#pragma GCC unroll 8
-  for (int u = 1; u < U; ++u) vs[0] += vs[u];
-  return vs[0];
-}
-
 template <typename F>
 FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, int64_t ld, float* m, float* l,
                                          float* alpha, const RowMod* mod) {
@@ -829,13 +776,7 @@ FA_CPU_INLINE void softmax_step_f32_body(float* s, int64_t rows, int64_t cols, i
       const float dr = md.d0 + static_cast<float>(r);
       switch (md.kind()) {
         case 13: mod_max_row<F, true, false, true, false>(row, cols, md, dr); vm = vec::splat<F>(md.m_fixed); break;
-        case 12: {  // one pass (cap_fixed_row); the bookkeeping below with tile max m_fixed
-          const float m_old = m[r];
-          alpha[r] = m_old == md.m_fixed ? 1.0f : std::exp2(m_old - md.m_fixed);
-          l[r] = l[r] * alpha[r] + vec::hsum(cap_fixed_row<F>(row, cols, md));
-          m[r] = md.m_fixed;
-          continue;
-        }
+        case 12: mod_max_row<F, true, false, false, false>(row, cols, md, dr); vm = vec::splat<F>(md.m_fixed); break;
         case 7: vm = mod_max_row<F, true, true, true>(row, cols, md, dr); break;
         case 6: vm = mod_max_row<F, true, true, false>(row, cols, md, dr); break;
         case 5: vm = mod_max_row<F, true, false, true>(row, cols, md, dr); break;
