@@ -239,7 +239,7 @@ def mods_case(s: int, h: int, d: int, reps: int, dtype, causal: bool, device: st
     rows = []
     for passname, res in (("fwd", fwd), ("fwd+bwd", both)):
         for name, ts in res.items():
-            # overhead: the median of the per-repeat ratios to the plain call run just before it (paired, so a
+            # overhead: the median of the per-repeat ratios to the plain call of the same repeat (paired, so a
             # slow spell of a shared machine moves both times of a pair, not the ratio)
             ratio = statistics.median(t / p for t, p in zip(ts, res["plain"]))
             rows.append(dict(group="mods", impl=name, pass_=passname, ms=statistics.median(ts), overhead=ratio - 1,
