@@ -47,6 +47,17 @@ except ImportError:
 PAGE = 64
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux) and the width the CPU kernels run at, e.g. "AMD EPYC 7B13, x86-64-v3"."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {fused_attn.build_info()['cpu_isa']}"
+
+
 def sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -152,7 +163,7 @@ def main(argv=None):
                   f"of read-bw", flush=True)
         rows += case_rows
     meta = dict(machine=torch.cuda.get_device_name() if gpu else f"cpu-{cores}cores",
-                processor=platform.processor() or platform.machine(),
+                processor=cpu_model(),
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),

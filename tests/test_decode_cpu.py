@@ -160,19 +160,22 @@ def test_long_cache_many_blocks_matches_fp64():
 
 @pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128, 256, 48])
+@pytest.mark.parametrize("d", [64, 128, 256, 48, 96])
 def test_four_row_tiles(generic, dtype, d, monkeypatch):
-    """Blocks of 4 query rows with d % 16 == 0 take the AVX2 tiles on x86 CPUs that have AVX2 and FMA but not
-    AVX-512 (head dims 64 / 128 / 256 compiled as constants, other multiples of 16 at run time);
-    FUSED_ATTN_CPU_DECODE_GENERIC=1 forces the generic tiles. G = 4 and 8 (two 4-row blocks), Sq 1 and 3 (rows
-    12 and 24), contiguous and paged, lengths ending inside a 64-key block, forced splits: both paths against
+    """Blocks of 4 query rows take the vector tiles on x86 CPUs: on AVX-512 CPUs (build_info()["cpu_isa"] ==
+    "x86-64-v4") fp32 / bf16 caches with G % 4 == 0 and d % 32 == 0 take the AVX-512 tiles (d = 96: a 32-column
+    output pass after a 64-column one), and the other blocks of 4 rows with d % 16 == 0 the AVX2 tiles (fp16, d =
+    48, G = 6's first 4 rows), as every such block does on AVX2 CPUs without AVX-512; head dims 64 / 128 / 256
+    are compiled as constants, other multiples of 16 at run time. FUSED_ATTN_CPU_DECODE_GENERIC=1 forces the
+    generic tiles. G = 4, 8 (two 4-row blocks) and 6, Sq 1 and 3 (rows 12 and 24), contiguous and paged,
+    lengths ending inside a 64-key block (and inside a group of 4 keys), forced splits: both paths against
     float64 under the STYLE.md rule, and against each other."""
     if generic:
         monkeypatch.setenv("FUSED_ATTN_CPU_DECODE_GENERIC", "1")
     b, hk, s_max = 2, 2, 330
     lens = [317, 70]
     sl = torch.tensor(lens, dtype=torch.int32)
-    for g, sq, page_size in ((4, 1, None), (8, 1, 16), (4, 3, 64)):
+    for g, sq, page_size in ((4, 1, None), (8, 1, 16), (4, 3, 64), (6, 1, 16)):
         kc, vc, bt, k_full, v_full = make_cache(b, hk, d, lens, s_max, page_size=page_size, dtype=dtype,
                                                 seed=d + g + sq)
         q = torch.randn(b, hk * g, sq, d, dtype=torch.float64).to(dtype)

@@ -10,8 +10,9 @@
 //     whole), through per-key row pointers that a paged cache fills a whole page at a time;
 //   - per block of kBlockK keys: S = Q K^T with register-blocked dot products (rows x keys accumulators
 //     across D, reduced by a shuffle tree), score modifiers and masking from mask.h, one online-softmax step
-//     in base 2 (fp32; fp64 for fp64), O = alpha O + P V register-blocked over rows x columns; on x86-64-v3
-//     CPUs, blocks of 4 query rows (a GQA group of 4) run AVX2 intrinsics tiles (avx2:: below);
+//     in base 2 (fp32; fp64 for fp64), O = alpha O + P V register-blocked over rows x columns; on x86-64
+//     CPUs with AVX2 or AVX-512, blocks of 4 query rows (a GQA group of 4) run intrinsics tiles (avx2:: and
+//     avx512:: below, chosen by pick_tiles);
 //   - the next block's rows are prefetched whole, in address order, paced evenly over both products
 //     (dv::RowPacer), so that memory is read while the products run;
 //   - the splits of a key range keep (unnormalised O, running max, running sum) in a workspace and are merged
@@ -60,6 +61,13 @@ constexpr int64_t kBlockBytes = int64_t(128) << 10;
 // fp32 / bf16, contiguous and paged: within 2 points, the noise); so was the hint (T0, T1 or NTA). Both again
 // with the paced prefetch (2 threads, B4 Hk8 S32k from DRAM, 3 interleaved runs): within the noise.
 constexpr int64_t kPrefetchBlocks = 1;
+// The prefetch hint: prefetcht1 (__builtin_prefetch locality 2). The hint made no difference on the AMD Zen 3
+// box above, but on an Intel Xeon with AVX-512 (2 vCPUs, 48 KB L1d, 2 MB L2 a core) the non-temporal hint
+// (prefetchnta) halved the speed: a block ahead is more than L1 holds, and NTA lines evicted from L1 are not
+// kept in L2, so they were fetched from memory twice. Measured there (one thread, B4 Hq32 Hk8 D128 S16k, median
+// of 40 calls): fp32 4.5 / 9.9 / 11.1 GB/s with NTA / T0 / T1, bf16 4.2 / 8.5 / 9.1; a sum over 1 GiB read
+// 13.3 GB/s.
+constexpr int kPrefetchLocality = 2;
 // Query rows (heads of the group x positions) per task: enough to reuse each K/V block from cache when Sq
 // is large (chunked prefill), small enough to keep the score tile and the output rows in L1/L2.
 constexpr int64_t kTaskRows = 64;
@@ -188,13 +196,14 @@ FA_CPU_INLINE void load_pair(const c10::Half* p, f8& a, f8& b) {
   b = half_bits_to_float(w >> 16);
 }
 
-// Column of position pos in the permuted order of a row of d columns: within each full group of 16 of a
-// 16-bit dtype, positions 0-7 hold the even columns and 8-15 the odd ones; elsewhere the identity.
+// Column of position pos in the permuted order of a row of d columns: within each full group of g columns
+// of a 16-bit dtype (16 for the 32-byte tiles, 32 for the AVX-512 ones), the first g / 2 positions hold the
+// even columns and the rest the odd ones; elsewhere the identity.
 template <typename S>
-FA_CPU_INLINE int64_t pair_col(int64_t pos, int64_t d) {
-  if (!kSplitPairs<S> || pos >= d - d % 16) return pos;
-  const int64_t g = pos & ~int64_t(15), e = pos & 15;
-  return g + (e < 8 ? 2 * e : 2 * (e - 8) + 1);
+FA_CPU_INLINE int64_t pair_col(int64_t pos, int64_t d, int64_t g) {
+  if (!kSplitPairs<S> || pos >= d - d % g) return pos;
+  const int64_t base = pos - pos % g, e = pos % g, h = g / 2;
+  return base + (e < h ? 2 * e : 2 * (e - h) + 1);
 }
 
 // Software prefetch of the bytes [p, p + n): the next key block's rows are requested while the current
@@ -202,7 +211,7 @@ FA_CPU_INLINE int64_t pair_col(int64_t pos, int64_t d) {
 // (perf, one thread, fp32: ~70% of the score and output loops' samples on the first K / V load of a row).
 FA_CPU_INLINE void prefetch(const void* p, int64_t n) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 0);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, kPrefetchLocality);
 }
 
 // Rows to prefetch: n rows of `bytes` bytes each (none when n == 0).
@@ -228,7 +237,7 @@ struct RowPacer {
       : rows(pre.rows), row_bytes(pre.bytes), total(pre.n * ((pre.bytes + 63) / 64)),
         steps(std::max<int64_t>(loop_steps, 1)) {}
   FA_CPU_INLINE void issue() {
-    __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + off, 0, 0);
+    __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + off, 0, kPrefetchLocality);
     off += 64;
     if (off >= row_bytes) {
       off = 0;
@@ -450,10 +459,10 @@ FA_DECODE_TILES(double, double)
 // d % 16 == 0: the decode shape. Written with intrinsics so that operands can be pinned in registers with an
 // empty asm (the generic tiles xor them with an opaque zero, which costs a vector uop and a register each) and
 // P is broadcast straight from the score row (vbroadcastss from memory is one load; the generic tiles build a
-// pre-broadcast copy of P per block). Used where the CPU kernels run at x86-64-v3 width: AVX2 CPUs without
-// AVX-512 (the machines it was measured on), or any with FUSED_ATTN_CPU_ISA=v3; elsewhere, and for other row
-// counts and head dims, the generic tiles run.
-// FUSED_ATTN_CPU_DECODE_GENERIC=1 forces the generic tiles (for comparison, and so tests cover both).
+// pre-broadcast copy of P per block). Used where the CPU kernels run at x86-64-v3 width or wider, for the
+// blocks the AVX-512 tiles below do not take (pick_tiles); for other row counts and head dims the generic
+// tiles run. FUSED_ATTN_CPU_DECODE_GENERIC=1 forces the generic tiles (for comparison, and so tests cover
+// both); FUSED_ATTN_CPU_ISA=v3 makes an AVX-512 CPU run the AVX2 tiles.
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
 #define FA_DECODE_AVX2 1
 #define FA_AVX2 __attribute__((target("avx2,fma")))
@@ -604,13 +613,191 @@ FA_AVX2 void pv4(const float* pr, int64_t ldp, const float* alpha, const S* cons
 
 }  // namespace avx2
 
-// Whether the AVX2 tiles run (see above): where the CPU kernels run at x86-64-v3 width (tile_math.h's
-// isa_level(); build_info()["cpu_isa"]), unless FUSED_ATTN_CPU_DECODE_GENERIC=1 (read per call).
-inline bool use_avx2_tiles() {
-  const char* env = std::getenv("FUSED_ATTN_CPU_DECODE_GENERIC");
-  return cpu::vec::isa_level() == 3 && !(env && env[0] == '1');
+// ---------------------------------------------------------------------------------------------------
+// AVX-512 tiles for blocks of 4 query rows, fp32 compute, fp32 or bf16 K/V, d % 32 == 0: the AVX2 tiles' plan
+// at twice the width, with the 32 registers spent on more accumulators. Scores: 4 rows x 4 keys (16
+// accumulators across d), reduced to one vector by a shuffle tree. Output: 4 rows x 64 columns (16
+// accumulators), so that each pass over the key block reads 128 bytes of a bf16 row, two whole cache lines,
+// and no line is read again by a later pass (the 16-column passes of the AVX2 tiles read each line twice,
+// which misses L1 when a paged pool's 2 KB slot stride maps a block's rows onto a few cache sets).
+// fp16 / bf16 pairs are 32 elements here (even elements, then odd ones), so Q and the output rows are kept in
+// dv::pair_col's order with groups of 32 (kWideGroup) whenever these tiles run.
+// Measured against the 32-byte tiles on the AVX-512 Xeon (one thread, Hq32 Hk8 D128 bf16, median of 30 calls,
+// cycles at the nominal 2.6 GHz per key and kv head): B1 S2k from L3 114 -> 83 contiguous, 147 -> 125 paged;
+// B2 S32k from memory 9.9 -> 10.4 GB/s contiguous, 8.5 -> 9.2 paged (a sum reads 13.3).
+namespace avx512 {
+#define FA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define FA_AVX512_INLINE inline __attribute__((always_inline, target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+template <typename T>
+FA_AVX512_INLINE void pin(T& x) {
+  asm("" : "+v"(x));
 }
+
+FA_AVX512_INLINE void pair(const float* p, __m512& a, __m512& b) {
+  a = _mm512_loadu_ps(p);
+  b = _mm512_loadu_ps(p + 16);
+}
+FA_AVX512_INLINE void pair(const c10::BFloat16* p, __m512& a, __m512& b) {
+  const __m512i w = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// Accumulator of query row r against key jj: jj + kRowOff[r], the order in which reduce16 leaves row r's four
+// sums in the 128-bit lane r, key jj at element jj.
+constexpr int kRowOff[4] = {0, 8, 4, 12};
+
+// Within each 128-bit quarter: x's two pair sums, then y's.
+FA_AVX512_INLINE __m512 pair_sums(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The 16 accumulators' sums as one vector: lane 4 q + e holds a[e + kRowOff[q]]. Halves of a_i and a_{i+8}
+// added side by side, then 128-bit quarters, then pairs and elements within each quarter: 45 operations
+// for 16 sums.
+FA_AVX512_INLINE __m512 reduce16(const __m512 (&a)[16]) {
+  __m512 b[8], c[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // quarters 0-1: a_i's partial sums, 2-3: a_{i+8}'s
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // quarters: a_i, a_{i+8}, a_{i+4}, a_{i+12}
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  return pair_sums(pair_sums(c[0], c[1]), pair_sums(c[2], c[3]));
+}
+
+// Scores of 4 rows (Q's rows d apart) against keys j .. j + 3 of kr (k: their row pointers; a short last group
+// repeats its last key, and only valid scores are stored). DC as in the AVX2 tiles.
+template <int DC, typename S>
+FA_AVX512_INLINE void qk_group(const float* q, const S* const (&k)[4], int64_t valid, int64_t d_rt, float* s,
+                               int64_t lds, dv::RowPacer<S>& pacer) {
+  const int64_t d = DC ? DC : d_rt, ldq = d;
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 32) {
+    pacer.step();
+    __m512 ka[4], kb[4];
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; ++jj) pair(k[jj] + c, ka[jj], kb[jj]);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m512 qa = _mm512_loadu_ps(q + r * ldq + c);
+      pin(qa);
+#pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj) acc[jj + kRowOff[r]] = _mm512_fmadd_ps(qa, ka[jj], acc[jj + kRowOff[r]]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m512 qb = _mm512_loadu_ps(q + r * ldq + c + 16);
+      pin(qb);
+#pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj) acc[jj + kRowOff[r]] = _mm512_fmadd_ps(qb, kb[jj], acc[jj + kRowOff[r]]);
+    }
+  }
+  const __m512 sum = reduce16(acc);
+  if (valid == 4) {
+    _mm_storeu_ps(s, _mm512_extractf32x4_ps(sum, 0));
+    _mm_storeu_ps(s + lds, _mm512_extractf32x4_ps(sum, 1));
+    _mm_storeu_ps(s + 2 * lds, _mm512_extractf32x4_ps(sum, 2));
+    _mm_storeu_ps(s + 3 * lds, _mm512_extractf32x4_ps(sum, 3));
+  } else {
+    const __mmask8 m = static_cast<__mmask8>((1u << valid) - 1);
+    _mm_mask_storeu_ps(s, m, _mm512_extractf32x4_ps(sum, 0));
+    _mm_mask_storeu_ps(s + lds, m, _mm512_extractf32x4_ps(sum, 1));
+    _mm_mask_storeu_ps(s + 2 * lds, m, _mm512_extractf32x4_ps(sum, 2));
+    _mm_mask_storeu_ps(s + 3 * lds, m, _mm512_extractf32x4_ps(sum, 3));
+  }
+}
+
+template <int DC, typename S>
+FA_AVX512 void qk4(const float* q, const S* const* kr, int64_t kn, int64_t d, float* s, int64_t lds,
+                   dv::Pre<S> pre) {
+  dv::RowPacer<S> pacer(pre, cdiv(kn, 4) * (d / 32));
+  for (int64_t j = 0; j < kn; j += 4) {
+    const int64_t valid = std::min<int64_t>(4, kn - j);
+    const S* const k[4] = {kr[j], kr[j + std::min<int64_t>(1, valid - 1)], kr[j + std::min<int64_t>(2, valid - 1)],
+                           kr[j + valid - 1]};
+    qk_group<DC, S>(q, k, valid, d, s + j, lds, pacer);
+  }
+  pacer.finish();
+}
+
+// o_r = alpha_r o_r + sum_j p[r][j] v_j for 4 rows (d apart) over NP pairs of 32 columns from c.
+template <int NP, typename S>
+FA_AVX512_INLINE void pv_pass(const float* pr, int64_t ldp, const float* alpha, const S* const* vr, int64_t kn,
+                              int64_t c, float* o, int64_t ldo, dv::RowPacer<S>& pacer) {
+  __m512 acc[4][2 * NP];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+    for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * ldo + c + 16 * cc));
+  }
+  for (int64_t j0 = 0; j0 < kn; j0 += kPvGroup) {
+    pacer.step();
+    const int64_t je = std::min(kn, j0 + kPvGroup);
+#pragma GCC unroll 4
+    for (int64_t j = j0; j < je; ++j) {
+      __m512 x[2 * NP];
+#pragma GCC unroll 2
+      for (int np = 0; np < NP; ++np) pair(vr[j] + c + 32 * np, x[2 * np], x[2 * np + 1]);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512 pj = _mm512_set1_ps(pr[r * ldp + j]);
+#pragma GCC unroll 4
+        for (int cc = 0; cc < 2 * NP; ++cc) acc[r][cc] = _mm512_fmadd_ps(pj, x[cc], acc[r][cc]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int cc = 0; cc < 2 * NP; ++cc) _mm512_storeu_ps(o + r * ldo + c + 16 * cc, acc[r][cc]);
+}
+
+template <int DC, typename S>
+FA_AVX512 void pv4(const float* pr, int64_t ldp, const float* alpha, const S* const* vr, int64_t kn, int64_t d_rt,
+                   float* o, dv::Pre<S> pre) {
+  const int64_t d = DC ? DC : d_rt, ldo = d;
+  dv::RowPacer<S> pacer(pre, (d / 64 + (d % 64) / 32) * cdiv(kn, kPvGroup));
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) pv_pass<2, S>(pr, ldp, alpha, vr, kn, c, o, ldo, pacer);
+  if (c < d) pv_pass<1, S>(pr, ldp, alpha, vr, kn, c, o, ldo, pacer);
+  pacer.finish();
+}
+
+}  // namespace avx512
 #endif
+
+// The cache dtypes the AVX-512 tiles take, and their column group (dv::pair_col).
+template <typename S>
+constexpr bool kWideTiles = std::is_same<S, float>::value || std::is_same<S, c10::BFloat16>::value;
+constexpr int64_t kWideGroup = 32, kNarrowGroup = 16;
+
+// Which tiles run the blocks of 4 query rows of a call: kTilesAvx512 where the CPU kernels run at x86-64-v4
+// width (tile_math.h's isa_level(); build_info()["cpu_isa"]) for fp32 / bf16 caches whose GQA group is a
+// multiple of 4 (so that every block is one of 4 rows) and d % 32 == 0; otherwise kTilesAvx2 at x86-64-v3
+// width or wider (for blocks of 4 rows with d % 16 == 0; the generic tiles take the rest); kTilesGeneric on
+// other CPUs, or with FUSED_ATTN_CPU_DECODE_GENERIC=1 (read per call).
+enum DecodeTiles { kTilesGeneric = 0, kTilesAvx2 = 3, kTilesAvx512 = 4 };
+template <typename S, typename C>
+DecodeTiles pick_tiles(int64_t grp, int64_t d) {
+#ifdef FA_DECODE_AVX2
+  const char* env = std::getenv("FUSED_ATTN_CPU_DECODE_GENERIC");
+  if (!std::is_same<C, float>::value || (env && env[0] == '1')) return kTilesGeneric;
+  const int level = cpu::vec::isa_level();
+  if (level >= 4 && kWideTiles<S> && grp % 4 == 0 && d % 32 == 0) return kTilesAvx512;
+  return level >= 3 ? kTilesAvx2 : kTilesGeneric;
+#else
+  (void)grp;
+  (void)d;
+  return kTilesGeneric;
+#endif
+}
 
 // fn(std::integral_constant<int, DC>) with DC = d for the head dims the AVX2 tiles compile as constants, 0
 // (d at run time) for the others.
@@ -624,14 +811,24 @@ void by_head_dim(int64_t d, Fn&& fn) {
   }
 }
 
-// Score and output tiles of `rows` query rows: the AVX2 tiles for the blocks of 4 rows where they apply
-// (fp32 compute, d % 16 == 0), the generic (cloned) tiles for the rest.
+// Score and output tiles of `rows` query rows: the AVX-512 or AVX2 tiles for the blocks of 4 rows where they
+// apply (pick_tiles), the generic (cloned) tiles for the rest.
 template <typename S, typename C>
-void qk_any(bool fast, const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d, C* s,
-            int64_t lds, dv::Pre<S> pre) {
+void qk_any(DecodeTiles tiles, const C* q, int64_t rows, int64_t ldq, const S* const* kr, int64_t kn, int64_t d,
+            C* s, int64_t lds, dv::Pre<S> pre) {
 #ifdef FA_DECODE_AVX2
+  if constexpr (std::is_same<C, float>::value && kWideTiles<S>) {
+    if (tiles == kTilesAvx512) {  // rows % 4 == 0, d % 32 == 0 (pick_tiles)
+      for (int64_t r = 0; r < rows; r += 4, pre = {}) {
+        const float* qr = q + r * ldq;
+        float* sr = s + r * lds;
+        by_head_dim(d, [&](auto dc) { avx512::qk4<decltype(dc)::value, S>(qr, kr, kn, d, sr, lds, pre); });
+      }
+      return;
+    }
+  }
   if constexpr (std::is_same<C, float>::value) {
-    if (fast && rows >= 4 && d % 16 == 0 && ldq == d) {
+    if (tiles == kTilesAvx2 && rows >= 4 && d % 16 == 0 && ldq == d) {
       int64_t r = 0;
       for (; r + 4 <= rows; r += 4, pre = {}) {
         const float* qr = q + r * ldq;
@@ -643,21 +840,31 @@ void qk_any(bool fast, const C* q, int64_t rows, int64_t ldq, const S* const* kr
     }
   }
 #endif
-  (void)fast;
+  (void)tiles;
   qk(q, rows, ldq, kr, kn, d, s, lds, pre);
 }
 
 template <typename S, typename C>
-void pv_any(bool fast, const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr, int64_t kn,
-            int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {
+void pv_any(DecodeTiles tiles, const C* pr, int64_t rows, int64_t ldp, const C* alpha, const S* const* vr,
+            int64_t kn, int64_t d, C* o, int64_t ldo, dv::Pre<S> pre) {
   // The output tiles pace the next block's rows over this block's kn keys: rows beyond those go out now.
   if (pre.n > kn) {
     for (int64_t j = kn; j < pre.n; ++j) dv::prefetch(pre.rows[j], pre.bytes);
     pre.n = kn;
   }
 #ifdef FA_DECODE_AVX2
+  if constexpr (std::is_same<C, float>::value && kWideTiles<S>) {
+    if (tiles == kTilesAvx512) {
+      for (int64_t r = 0; r < rows; r += 4, pre = {}) {
+        const float* prr = pr + r * ldp;
+        float* orr = o + r * ldo;
+        by_head_dim(d, [&](auto dc) { avx512::pv4<decltype(dc)::value, S>(prr, ldp, alpha + r, vr, kn, d, orr, pre); });
+      }
+      return;
+    }
+  }
   if constexpr (std::is_same<C, float>::value) {
-    if (fast && rows >= 4 && d % 16 == 0 && ldo == d) {
+    if (tiles == kTilesAvx2 && rows >= 4 && d % 16 == 0 && ldo == d) {
       int64_t r = 0;
       for (; r + 4 <= rows; r += 4, pre = {}) {
         const float* prr = pr + r * ldp;
@@ -669,7 +876,7 @@ void pv_any(bool fast, const C* pr, int64_t rows, int64_t ldp, const C* alpha, c
     }
   }
 #endif
-  (void)fast;
+  (void)tiles;
   pv(pr, rows, ldp, alpha, vr, kn, d, o, ldo, pre);
 }
 
@@ -756,11 +963,8 @@ void kvcache_impl(const AttnParams& p) {
   // Scores in base 2 (tile_math.h): Q is pre-scaled by scale * log2(e); with a softcap by scale only, and
   // score_mod_tile moves the capped score to base 2.
   const bool capped = p.softcap > 0;
-#ifdef FA_DECODE_AVX2
-  const bool fast = use_avx2_tiles();
-#else
-  const bool fast = false;
-#endif
+  const DecodeTiles tiles = pick_tiles<S, C>(grp, d);
+  const int64_t pgroup = tiles == kTilesAvx512 ? kWideGroup : kNarrowGroup;  // dv::pair_col's group
   const C qscale = static_cast<C>(capped ? p.scale : p.scale * kLog2e);
   const bool mods = capped || p.alibi != nullptr;
 
@@ -819,7 +1023,7 @@ void kvcache_impl(const AttnParams& p) {
           for (int64_t i = 0; i < qn; ++i) {
             const S* qrow = q + p.q_st.at(b, (kvh0 + hh) * grp + hg, si.q_off + q0 + i);
             C* dst = qc + ((hh * grp + hg) * qn + i) * d;
-            for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<C>(qrow[dv::pair_col<S>(c, d)]) * qscale;
+            for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<C>(qrow[dv::pair_col<S>(c, d, pgroup)]) * qscale;
           }
       std::fill(acc, acc + rows * d, C(0));
     }
@@ -881,7 +1085,7 @@ void kvcache_impl(const AttnParams& p) {
       const bool need_mask = tile_needs_mask(p, whole, b, q0, q0 + qn, k0, k0 + kn);
       for (int64_t hh = 0; hh < ht; ++hh) {
         const int64_t r0 = hh * hrows;
-        qk_any(fast, qc + r0 * d, hrows, d, kr + hh * kbk, kn, d, s, kBlockK, pre_of(kr_next, hh, nn, p.k_st.h));
+        qk_any(tiles, qc + r0 * d, hrows, d, kr + hh * kbk, kn, d, s, kBlockK, pre_of(kr_next, hh, nn, p.k_st.h));
         if (mods || need_mask)
           for (int64_t hg = 0; hg < grp; ++hg) {
             const int64_t h = (kvh0 + hh) * grp + hg;
@@ -891,7 +1095,7 @@ void kvcache_impl(const AttnParams& p) {
             if (need_mask) cpu::mask_tile(p, whole, b, h, q0, qn, k0, kn, sh, kBlockK, false);
           }
         cpu::softmax_step(s, hrows, kn, kBlockK, m + r0, l + r0, alpha + r0);
-        pv_any(fast, s, hrows, kBlockK, alpha + r0, vr + hh * kbk, kn, d, acc + r0 * d, d,
+        pv_any(tiles, s, hrows, kBlockK, alpha + r0, vr + hh * kbk, kn, d, acc + r0 * d, d,
                pre_of(vr_next, hh, nn, p.v_st.h));
       }
     }
@@ -917,7 +1121,7 @@ void kvcache_impl(const AttnParams& p) {
           }
           const C inv = C(1) / l[r];
           const C* ar = acc + r * d;
-          for (int64_t c = 0; c < d; ++c) orow[dv::pair_col<S>(c, d)] = static_cast<S>(ar[c] * inv);
+          for (int64_t c = 0; c < d; ++c) orow[dv::pair_col<S>(c, d, pgroup)] = static_cast<S>(ar[c] * inv);
           *lrow = (m[r] + std::log2(l[r])) * static_cast<C>(kLn2);
         }
       }
@@ -971,7 +1175,7 @@ void kvcache_impl(const AttnParams& p) {
             }
           }
           const C inv = C(1) / sum;
-          for (int64_t c = 0; c < d; ++c) orow[dv::pair_col<S>(c, d)] = static_cast<S>(out[c] * inv);
+          for (int64_t c = 0; c < d; ++c) orow[dv::pair_col<S>(c, d, pgroup)] = static_cast<S>(out[c] * inv);
           *lrow = (mx + std::log2(sum)) * static_cast<C>(kLn2);
         }
       }
