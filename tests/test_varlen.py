@@ -175,3 +175,22 @@ def test_varlen_compile_and_opcheck():
     fn = torch.compile(lambda a, b, c: fused_attn.flash_varlen(a, b, c, cu_q, cu_k, max_seqlen_q=20,
                                                                 max_seqlen_k=15, causal=True), fullgraph=True)
     torch.testing.assert_close(fn(q, k, v), fused_attn.flash_varlen(q, k, v, cu_q, cu_k, causal=True))
+
+
+def test_flush_to_zero_stays_inside_the_kernels():
+    """The CPU kernels run their tasks with MXCSR's flush-to-zero bit set (subnormal results become 0: ALiBi's far
+    keys made the backward's dS subnormal, and Intel cores take a microcode assist for each) and restore each
+    thread's mode afterwards. Subnormal results inside a call flush; after the call, on the same threads,
+    PyTorch's own arithmetic keeps subnormals."""
+    tiny = torch.full((1 << 16,), 1e-30)  # large enough that torch's mul runs on every thread
+    assert (tiny * 1e-10).ne(0).all()  # 1e-40: subnormal, kept
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 300, 32, generator=g, requires_grad=True) for _ in range(3))
+    slopes = torch.tensor([0.5, 1.0, 2.0, 4.0])  # far keys' P reach exp2's cut at 2^-125
+    out = fused_attn.flash(q, k, v, causal=True, alibi_slopes=slopes)
+    out.sum().backward()
+    out_dec = fused_attn.flash_kvcache(q.detach()[:, :, -1:], k.detach(), v.detach(), 300, alibi_slopes=slopes)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(out_dec).all()
+    assert (tiny * 1e-10).ne(0).all(), "a thread kept flush-to-zero after a fused_attn call"
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, alibi_slopes=slopes)
+    assert (out.double() - ref).abs().max() < 1e-5
