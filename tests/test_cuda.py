@@ -475,3 +475,40 @@ def test_kvcache_misaligned_cache_rows_raise():
     k_odd = big[..., 4:68]  # row start 8 bytes off a 16-byte boundary
     with pytest.raises(ValueError, match=r"k_cache: the CUDA kernels read its rows in 16-byte pieces"):
         fused_attn.flash_kvcache(q, k_odd, vc, sl)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("force", ["1", ""], ids=["sm80", "auto"])
+def test_nan_inputs_reach_their_rows(dtype, force, monkeypatch):
+    """A NaN in q or k makes exactly the rows that see it NaN (out and lse), as in PyTorch and on the CPU
+    (tests/test_nan.py): flash() forward (mma.sync, Hopper where present, generic fp32), its backward (NaN in the
+    heads the NaN reaches, the others equal to a run without it), and flash_kvcache split across 3 parts."""
+    monkeypatch.setenv("FUSED_ATTN_FORCE_SM80", force)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, s, 64, generator=g, dtype=torch.float64) for h, s in ((4, 70), (2, 150), (2, 150)))
+    q[0, 1, 5, 3] = float("nan")
+    k[1, 0, 100, 7] = float("nan")
+    for kw in (dict(), dict(causal=True), dict(softcap=30.0), dict(alibi_slopes=torch.tensor([0.1, 0.2, 0.05, 0.3]))):
+        ref, ref_lse = fused_attn.reference.attention(q, k, v, return_lse=True, **kw)
+        dev_kw = {a: (b.to(DEV) if torch.is_tensor(b) else b) for a, b in kw.items()}
+        out, lse = fused_attn.flash(q.to(DEV, dtype), k.to(DEV, dtype), v.to(DEV, dtype), return_lse=True, **dev_kw)
+        assert torch.equal(out.isnan().cpu(), ref.isnan()), kw
+        assert torch.equal(lse.isnan().cpu(), ref_lse.isnan()), kw
+    grads = []
+    for qq in (q, torch.nan_to_num(q, nan=0.5)):
+        t = [x.to(DEV, dtype).requires_grad_(True) for x in (qq, k.nan_to_num(nan=0.5), v)]
+        fused_attn.flash(*t, causal=True).float().sum().backward()
+        grads.append([x.grad.cpu() for x in t])
+    (dq, dk, dv), (dq0, dk0, dv0) = grads
+    assert dq[0, 1].isnan().any() and dk[0, 0].isnan().any() and dv[0, 0].isnan().any()
+    for a, b in ((dq[1], dq0[1]), (dk[1], dk0[1]), (dv[1], dv0[1]), (dq[0, 2:], dq0[0, 2:]), (dk[0, 1], dk0[0, 1]),
+                 (dv[0, 1], dv0[0, 1])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)  # dQ by atomics: not bit for bit
+    # decode: one query row per head against the cache, split in 3
+    qd = q[:, :, -1:].clone()
+    qd[0, 1, 0, 3] = float("nan")
+    ref, ref_lse = fused_attn.reference.attention(qd, k, v, return_lse=True)
+    out, lse = fused_attn.flash_kvcache(qd.to(DEV, dtype), k.to(DEV, dtype), v.to(DEV, dtype), 150, return_lse=True,
+                                        num_splits=3)
+    assert torch.equal(out.isnan().cpu(), ref.isnan()) and torch.equal(lse.isnan().cpu(), ref_lse.isnan())

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) generic_decode_kernel(const __grid_c
   __syncthreads();
   T mm = T(-INFINITY);
   for (int w = 0; w < kWarps; ++w) mm = wm[w] > mm ? wm[w] : mm;
-  const T f = l > T(0) ? dexp(m - mm) : T(0);
+  const T f = l != T(0) ? dexp(m - mm) : T(0);  // a NaN sum (NaN score) carries on
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
     const int c = lane + 32 * u;
@@ -124,9 +124,9 @@ __global__ void __launch_bounds__(kThreads) generic_decode_kernel(const __grid_c
   }
   T ll = T(0);
   for (int w = 0; w < kWarps; ++w)
-    if (wl[w] > T(0)) ll += wl[w] * dexp(wm[w] - mm);
+    if (wl[w] != T(0)) ll += wl[w] * dexp(wm[w] - mm);
   __syncthreads();
-  const T inv = ll > T(0) ? T(1) / ll : T(0);
+  const T inv = ll == T(0) ? T(0) : T(1) / ll;  // NaN: a NaN row
   const bool direct = p.num_splits <= 1;
   for (int c = threadIdx.x; c < d; c += kThreads) {
     T acc = T(0);
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) generic_decode_kernel(const __grid_c
       static_cast<T*>(p.o_part)[decode_part_row(p, split, b, h, i) * p.d + c] = acc * inv;
   }
   if (threadIdx.x == 0) {
-    const T lse = ll > T(0) ? mm + dlog(ll) : T(-INFINITY);
+    const T lse = ll == T(0) ? T(-INFINITY) : mm + dlog(ll);
     if (direct)
       static_cast<T*>(p.lse)[b * p.lse_b + h * p.lse_h + s.q_off + i] = lse;
     else
@@ -157,22 +157,25 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
   const int d = static_cast<int>(p.d);
   const P* lp = static_cast<const P*>(p.lse_part);
   const P* op = static_cast<const P*>(p.o_part);
-  P mx = P(-INFINITY);
+  P mx = P(-INFINITY), nans = P(0);
   for (int64_t t = lane; t < ns; t += 32) {
     const P x = lp[decode_part_row(p, t, b, h, i)];
     mx = x > mx ? x : mx;
+    if (x != x) nans += P(1);
   }
   mx = warp_max(mx);
+  // A part with a NaN lse (a NaN score in its keys) makes the row NaN, as its single-pass result would be.
+  const bool nan = warp_sum(nans) > P(0);
   P sum = P(0);
   if (mx != P(-INFINITY))
     for (int64_t t = lane; t < ns; t += 32) sum += dexp(lp[decode_part_row(p, t, b, h, i)] - mx);
   sum = warp_sum(sum);
   const bool any = sum > P(0);
-  const P lse = any ? mx + dlog(sum) : P(-INFINITY);
+  const P lse = nan ? P(NAN) : any ? mx + dlog(sum) : P(-INFINITY);
   T* orow = static_cast<T*>(p.o) + p.o_st.at(b, h, i);
   auto weighted = [&](int c) {
-    P acc = P(0);
-    if (any)
+    P acc = nan ? P(NAN) : P(0);
+    if (any && !nan)
       for (int64_t t = 0; t < ns; ++t) {
         const int64_t r = decode_part_row(p, t, b, h, i);
         const P w = dexp(lp[r] - lse);  // a split that saw nothing: exp(-inf) = 0

@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(DecCfg<HD, WM>::kThreads, DecCfg<HD, WM>::kMin
     float mm = -INFINITY, ll = 0.f;
     for (int w = 0; w < C::kKW; ++w) mm = fmaxf(mm, part_m[w * C::kM + tid]);
     for (int w = 0; w < C::kKW; ++w)
-      if (part_l[w * C::kM + tid] > 0.f) ll += part_l[w * C::kM + tid] * tc::fast_exp2(part_m[w * C::kM + tid] - mm);
+      if (part_l[w * C::kM + tid] != 0.f) ll += part_l[w * C::kM + tid] * tc::fast_exp2(part_m[w * C::kM + tid] - mm);
     row_m[tid] = mm;
     row_l[tid] = ll;
   }
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(DecCfg<HD, WM>::kThreads, DecCfg<HD, WM>::kMin
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int tr = trow0 + 8 * r;
-    const float f = l[r] > 0.f ? tc::fast_exp2(m[r] - row_m[tr]) : 0.f;
+    const float f = l[r] != 0.f ? tc::fast_exp2(m[r] - row_m[tr]) : 0.f;  // a NaN sum (NaN score) carries on
     float* dst = obuf + (wk * C::kM + tr) * C::kObLd;
 #pragma unroll
     for (int jn = 0; jn < C::kNO; ++jn)
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(DecCfg<HD, WM>::kThreads, DecCfg<HD, WM>::kMin
       a1 += v.y;
     }
     const float ll = row_l[tr];
-    const float inv = ll > 0.f ? 1.f / ll : 0.f;
+    const float inv = ll == 0.f ? 0.f : 1.f / ll;  // NaN: a NaN row
     const int64_t i = (r0 + tr) / grp, h = kvh * grp + (r0 + tr) % grp;
     const int64_t qi = blk.s.q_off + i;
     if (direct) {
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(DecCfg<HD, WM>::kThreads, DecCfg<HD, WM>::kMin
   }
   if (tid < blk.rows) {
     const float ll = row_l[tid];
-    const float lse = ll > 0.f ? row_m[tid] * 0.6931471805599453f + logf(ll) : -INFINITY;
+    const float lse = ll == 0.f ? -INFINITY : row_m[tid] * 0.6931471805599453f + logf(ll);
     const int64_t i = (r0 + tid) / grp, h = kvh * grp + (r0 + tid) % grp;
     if (direct)
       static_cast<float*>(p.lse)[b * p.lse_b + h * p.lse_h + blk.s.q_off + i] = lse;

@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = tc::quad_sum(l[r]);
-    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    inv[r] = l[r] == 0.f ? 0.f : 1.f / l[r];  // l = 0: no key seen; NaN (a NaN score): a NaN row, as in PyTorch
   }
   __syncwarp();
 #pragma unroll
@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, FwdCfg<HD>::kMinBlocks)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = q0 + wrow + g + 8 * r;
-      if (row < sv.sq()) lse[row] = l[r] > 0.f ? m[r] * 0.6931471805599453f + logf(l[r]) : -INFINITY;
+      if (row < sv.sq()) lse[row] = l[r] == 0.f ? -INFINITY : m[r] * 0.6931471805599453f + logf(l[r]);
     }
   }
 }

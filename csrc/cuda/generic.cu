@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   for (int r = 0; r < 2; ++r) {
     const int il = ty + 16 * r;
     if (tx == 0) {
-      const bool any = l[r] > T(0);
+      const bool any = l[r] != T(0);  // l = 0: no key seen; NaN (a NaN score): a NaN row, as in PyTorch
       row_s[il] = any ? T(1) / l[r] : T(0);
       if (q0 + il < se.sq) lse[q0 + il] = any ? m[r] + flog(l[r]) : neg_inf<T>();
     }

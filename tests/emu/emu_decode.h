@@ -17,6 +17,7 @@ struct DecodeCase {
   double softcap;
   bool alibi;
   int splits;
+  bool nan_inputs = false;  // one NaN in a query row and one in a cached key: their rows come out NaN
 };
 
 std::vector<DecodeCase> decode_cases() {
@@ -34,6 +35,12 @@ std::vector<DecodeCase> decode_cases() {
   c.push_back({"decode_empty_short_split5", 3, 4, 2, 2, 160, false, 16, {0, 1, 70}, 80, -1, 0, 0.0, false, 5});
   // d < HD (zero-filled columns), Sq = 3 on a group of 2, softcap and ALiBi, 2 splits.
   c.push_back({"decode_small_d_split2", 1, 2, 1, 3, 256, true, 0, {130}, 130, -1, -1, 4.0, true, 2});
+  // NaN in a query row (sequence 0, head 1, row 0) and in a cached key (sequence 1, kv head 0, key 40), Sq = 2
+  // causal, pages of 16, 3 splits: the rows that see a NaN come out NaN (out and lse) through the split kernel's
+  // warp merge and the combine kernel; the others as usual.
+  DecodeCase n{"decode_nan_split3", 2, 8, 2, 2, 64, false, 16, {150, 90}, 160, -1, 0, 0.0, false, 3};
+  n.nan_inputs = true;
+  c.push_back(n);
   return c;
 }
 
@@ -94,6 +101,14 @@ void run_decode_case(const DecodeCase& c, unsigned seed, Totals& tot) {
     for (int64_t h = 0; h < c.Hq; ++h)
       for (int64_t i = 0; i < c.Sq; ++i)
         for (int x = 0; x < d; ++x) q.at(b, h, i, x) = from_d<Elem>(nd(rng));
+  if (c.nan_inputs) {
+    const Elem nanv = nan_pattern<Elem>();
+    q.at(0, std::min(1, c.Hq - 1), 0, std::min(3, d - 1)) = nanv;
+    const int64_t b = c.B - 1, j = std::min(40, c.lens[b] - 1), x = std::min(7, d - 1);
+    kf[li(b, 0, j) + x] = NAN;
+    if (c.page == 0) kbuf[kst.at(b, 0, j) + x] = nanv;
+    else kbuf[table[b * per_seq + j / c.page] * kst.b + (j % c.page) * kst.s + x] = nanv;
+  }
   std::vector<float> slopes(static_cast<size_t>(c.B) * c.Hq);
   for (auto& s : slopes) s = static_cast<float>(0.05 + 0.5 * std::fabs(nd(rng)));
   std::vector<int32_t> seqlens(c.lens.begin(), c.lens.end());
@@ -109,6 +124,7 @@ void run_decode_case(const DecodeCase& c, unsigned seed, Totals& tot) {
         const int64_t sk = c.lens[b], off = sk - c.Sq, kvh = h / G;
         std::vector<double> s(sk, -INFINITY);
         double mx = -INFINITY;
+        bool nan_row = false;
         for (int64_t j = 0; j < sk; ++j) {
           const int64_t dd = j - i - off;
           if ((c.left >= 0 && dd < -c.left) || (c.right >= 0 && dd > c.right)) continue;
@@ -118,10 +134,17 @@ void run_decode_case(const DecodeCase& c, unsigned seed, Totals& tot) {
           if (c.softcap > 0) a = c.softcap * std::tanh(a / c.softcap);
           if (c.alibi) a -= slopes[b * c.Hq + h] * std::fabs(static_cast<double>(i + off - j));
           s[j] = a;
+          nan_row |= std::isnan(a);
           mx = std::max(mx, a);
         }
-        if (mx == -INFINITY) continue;
         const size_t r = (static_cast<size_t>(b) * c.Hq + h) * c.Sq + i;
+        if (nan_row) {
+          sees[r] = 1;
+          rlse[r] = NAN;
+          for (int x = 0; x < d; ++x) ro[r * d + x] = NAN;
+          continue;
+        }
+        if (mx == -INFINITY) continue;
         sees[r] = 1;
         double l = 0;
         for (int64_t j = 0; j < sk; ++j)
@@ -209,6 +232,8 @@ void run_decode_case(const DecodeCase& c, unsigned seed, Totals& tot) {
       ls.fail("lse[" + std::to_string(r) + "] never written");
     } else if (!sees[r]) {
       if (!(std::isinf(g) && g < 0)) ls.fail("lse of a row that sees nothing = " + std::to_string(g) + ", want -inf");
+    } else if (std::isnan(rlse[r])) {
+      if (!std::isnan(g)) ls.fail("lse[" + std::to_string(r) + "] = " + std::to_string(g) + ", want NaN (the row sees a NaN)");
     } else if (!std::isfinite(g)) {
       ls.fail("lse non-finite for a row that sees keys");
     } else {

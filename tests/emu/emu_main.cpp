@@ -122,6 +122,7 @@ struct Case {
   double softcap = 0;  // > 0: softcap
   int alibi = 0;       // ALiBi slopes: 0 none, 1 (1, Hq) broadcast over batch, 2 (B, Hq)
   double qmul = 1;     // q scaled by this: scores large enough that the cap bites
+  bool nan_inputs = false;  // one NaN in a query row and one in a key (run_case)
   bool varlen() const { return !lens_q.empty(); }
 };
 
@@ -165,6 +166,12 @@ std::vector<Case> cases(int hd) {
   m4.alibi = 1;
   m4.qmul = 2;
   c.push_back(m4);
+  // NaN inputs: one element of a query row and one of a key. The rows whose visible scores include a NaN must
+  // come out NaN (out and lse), as in PyTorch, and every other row as usual; in the backward, the heads the NaN
+  // reaches must show NaN in dq, dk and dv, and every other head must be exact as usual.
+  Case n1{"nan_inputs", 2, 4, 2, 77, 150, hd ? full : 40, -1, 0, 0, 0, false, true, false};
+  n1.nan_inputs = true;
+  c.push_back(n1);
   // Many key tiles per query tile and query tiles per key tile: pipelines and rings wrap several times.
   c.push_back({"many_tiles", 1, 2, 1, 300, 700, full, -1, -1, 0, 0, false, false, true});
   return c;
@@ -257,7 +264,7 @@ struct Ref {
 };
 
 struct Stats {
-  long errors = 0;
+  long errors = 0, nans = 0;  // nans: NaN elements seen in the slices compare() was told to take loosely
   double err = 0, ref_max = 0;
   std::string first;
   void fail(const std::string& s) {
@@ -265,9 +272,14 @@ struct Stats {
   }
 };
 
+// Every element of t against ref: written, finite and within the bound where the reference is finite, NaN where
+// it is NaN (NaN inputs), exactly 0 where must_be_zero says so; nothing written outside the tensor. loose(b, h),
+// when given, names (batch, head) slices that a NaN input reached in the backward: there only "written" is
+// checked, and NaNs are counted.
 template <typename S>
 void compare(Stats& st, Tensor4<S>& t, const std::vector<double>& ref, const char* what,
-             const std::function<bool(int64_t, int64_t, int64_t)>& must_be_zero) {
+             const std::function<bool(int64_t, int64_t, int64_t)>& must_be_zero,
+             const std::function<bool(int64_t, int64_t)>& loose = nullptr) {
   std::vector<uint8_t> logical(t.buf.size(), 0);
   for (int64_t b = 0; b < t.B; ++b)
     for (int64_t h = 0; h < t.H; ++h)
@@ -284,6 +296,18 @@ void compare(Stats& st, Tensor4<S>& t, const std::vector<double>& ref, const cha
             continue;
           }
           const double g = to_d(got);
+          if (loose && loose(b, h)) {
+            st.nans += std::isnan(g);
+            continue;
+          }
+          if (std::isnan(r)) {
+            if (!std::isnan(g)) {
+              std::snprintf(msg, sizeof msg, "%s[%lld,%lld,%lld,%lld] = %g (want NaN: the row sees a NaN)", what,
+                            (long long)b, (long long)h, (long long)s, (long long)x, g);
+              st.fail(msg);
+            }
+            continue;
+          }
           if (!std::isfinite(g) || (must_be_zero(b, h, s) && g != 0.0)) {
             std::snprintf(msg, sizeof msg, "%s[%lld,%lld,%lld,%lld] = %g (want %g%s)", what, (long long)b,
                           (long long)h, (long long)s, (long long)x, g, r,
@@ -382,6 +406,10 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   fill(k, 1.0);
   fill(v, 1.0);
   fill(dout, 1.0);
+  if (c.nan_inputs) {  // sequence 0, head 1, row 5, column 3; the last sequence's key 100 (or its last) of kv head 0
+    q.at(qb(0), std::min(1, c.Hq - 1), qr(0, std::min<int64_t>(5, sq[0] - 1)), std::min(3, c.d - 1)) = nan_pattern<Elem>();
+    k.at(qb(c.B - 1), 0, kr(c.B - 1, std::min<int64_t>(100, sk[c.B - 1] - 1)), std::min(7, c.d - 1)) = nan_pattern<Elem>();
+  }
   const size_t nrow = static_cast<size_t>(TB) * c.Hq * TQ;  // rows of lse: (B, Hq, Sq) or (Hq, total_q)
   const auto lrow = [&](int b, int h, int64_t i) { return (static_cast<size_t>(qb(b)) * c.Hq + h) * TQ + qr(b, i); };
   std::vector<Lse> dlse(nrow);
@@ -411,6 +439,8 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
   R.dv.assign(R.dk.size(), 0);
   R.row_sees.assign(nrow, 0);
   R.key_seen.assign(static_cast<size_t>(TB) * c.Hk * TK, 0);
+  // (tensor batch, head) slices of dq and of dk / dv that a NaN reaches (the heads of the rows that see one).
+  std::vector<uint8_t> nan_q(static_cast<size_t>(TB) * c.Hq, 0), nan_kv(static_cast<size_t>(TB) * c.Hk, 0);
   for (int b = 0; b < c.B; ++b)
     for (int h = 0; h < c.Hq; ++h) {
       const int hk = h / G;
@@ -419,6 +449,7 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
         const int64_t tq = qr(b, i);
         std::vector<double> s(sk[b], -INFINITY), pr(sk[b], 0.0), dp(sk[b], 0.0), gm(sk[b], 1.0);
         double mx = -INFINITY;
+        bool nan_row = false;
         for (int64_t j = 0; j < sk[b]; ++j) {
           if (!sees(b, h, i, j)) continue;
           double a = 0;
@@ -430,7 +461,17 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
             gm[j] = 1 - t * t;
           }
           s[j] = x - slope * std::fabs(static_cast<double>(i + sk[b] - sq[b] - j));
+          nan_row |= std::isnan(s[j]);
           mx = std::max(mx, s[j]);
+        }
+        if (nan_row) {  // out and lse NaN; gradients of this head and its kv head are checked loosely
+          const size_t row = lrow(b, h, i);
+          R.row_sees[row] = 1;
+          R.lse[row] = NAN;
+          for (int x = 0; x < c.d; ++x) R.o[qi(b, h, i) + x] = NAN;
+          nan_q[static_cast<size_t>(qb(b)) * c.Hq + h] = 1;
+          nan_kv[static_cast<size_t>(qb(b)) * c.Hk + hk] = 1;
+          continue;
         }
         if (mx == -INFINITY) continue;
         const size_t row = lrow(b, h, i);
@@ -570,6 +611,8 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
         ls.fail("lse[" + std::to_string(r) + "] never written");
       } else if (!R.row_sees[r]) {
         if (!(std::isinf(g) && g < 0)) ls.fail("lse of a row that sees nothing = " + std::to_string(g) + ", want -inf");
+      } else if (std::isnan(w)) {
+        if (!std::isnan(g)) ls.fail("lse[" + std::to_string(r) + "] = " + std::to_string(g) + ", want NaN (the row sees a NaN)");
       } else if (!std::isfinite(g)) {
         ls.fail("lse non-finite for a row that sees keys");
       } else {
@@ -653,9 +696,14 @@ void run_case(const Case& c, unsigned seed, Totals& tot) {
     }
     emu::g_cfg.sm = sm_saved;
     std::vector<std::pair<const char*, Stats>> parts{{"dq", {}}, {"dk", {}}, {"dv", {}}};
-    compare(parts[0].second, dq, R.dq, "dq", row_empty);
-    compare(parts[1].second, dk, R.dk, "dk", key_unseen);
-    compare(parts[2].second, dv, R.dv, "dv", key_unseen);
+    const auto loose_q = [&](int64_t b, int64_t h) { return nan_q[b * c.Hq + h] != 0; };
+    const auto loose_kv = [&](int64_t b, int64_t h) { return nan_kv[b * c.Hk + h] != 0; };
+    compare(parts[0].second, dq, R.dq, "dq", row_empty, loose_q);
+    compare(parts[1].second, dk, R.dk, "dk", key_unseen, loose_kv);
+    compare(parts[2].second, dv, R.dv, "dv", key_unseen, loose_kv);
+    if (c.nan_inputs)
+      for (auto& [name, st] : parts)
+        if (st.nans == 0) st.fail(std::string("no NaN in the ") + name + " of the heads a NaN input reaches");
     for (size_t i = nrow; i < delta.size(); ++i)
       if (!same_bits(delta[i], sentinel<Lse>())) parts[0].second.fail("delta written past its end");
     for (int64_t b = 0; b < TB && !deterministic; ++b)

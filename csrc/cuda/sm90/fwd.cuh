@@ -383,7 +383,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = tc::quad_sum(l[r]);
-    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    inv[r] = l[r] == 0.f ? 0.f : 1.f / l[r];  // l = 0: no key seen; NaN (a NaN score): a NaN row, as in PyTorch
   }
   // This warpgroup's rows of the Q tile are free: its last S GEMM has retired, the other warpgroup reads
   // only its own rows.
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(FwdCfg<HD>::kThreads, 1) fwd_kernel(const __gr
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = rbase + 8 * r;
-      if (row < si.sq) lse[row] = l[r] > 0.f ? m[r] * 0.6931471805599453f + logf(l[r]) : -INFINITY;
+      if (row < si.sq) lse[row] = l[r] == 0.f ? -INFINITY : m[r] * 0.6931471805599453f + logf(l[r]);
     }
   }
 }
