@@ -1,8 +1,8 @@
 """The CUDA kernels under the host emulator (tests/emu), a subset of the full matrix that CI runs on every
 change: each kernel family (mma.sync, Hopper wgmma/TMA, fp32/fp64, split-KV decode, linear attention),
 forward and both backward modes, one head dim each, a few cases that between them cover ragged tiles, GQA,
-strided K/V, rows that see nothing, block-sparse full / partial / empty tiles, softcap / ALiBi, packed
-batches, paged caches and (Hopper) rings that wrap several times; plus five injected bugs the emulator must
+strided K/V, rows that see nothing, NaN inputs, block-sparse full / partial / empty tiles, softcap /
+ALiBi, packed batches, paged caches and (Hopper) rings that wrap several times; plus five injected bugs the emulator must
 report. No GPU needed; each test builds its binary (tens of seconds) and runs it. The whole matrix:
 python3 tests/emu/run_all.py (tests/emu/README.md)."""
 from __future__ import annotations
@@ -31,9 +31,11 @@ pytestmark = [pytest.mark.slow,
 
 SUBSETS = {
     # family, dtype, head dim, cases (substrings of emu_main.cpp's case names)
-    "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial,mods_varlen_causal,decode_paged16_split3_softcap"),
-    "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods,mods_varlen_causal"),
-    "generic": ("generic", "fp32", 64, "dense,sparse_causal,decode_mqa_window_split4"),
+    "mma": ("mma", "fp16", 64, "dense,causal_sq_gt_sk,sparse_partial,mods_varlen_causal,nan_inputs,"
+            "decode_paged16_split3_softcap,decode_nan_split3"),
+    "sm90": ("sm90", "bf16", 128, "dense,causal_sq_gt_sk,sparse_partial,many_tiles,sparse_mods,mods_varlen_causal,"
+             "nan_inputs"),
+    "generic": ("generic", "fp32", 64, "dense,sparse_causal,nan_inputs,decode_mqa_window_split4"),
     # linear attention (emu_linear.cpp's case names; one binary, the head dim is the case's): tensor cores
     # with the two-level scan both ways, non-causal Sq != Sk, S = 1; fp32 with odd dims and an initial state.
     "linear": ("linear", "bf16", 64, "state_segments,noncausal_relu_sq_ne_sk,single"),
