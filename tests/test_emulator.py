@@ -2,8 +2,8 @@
 change: each kernel family (mma.sync, Hopper wgmma/TMA, fp32/fp64, split-KV decode, linear attention),
 forward and both backward modes, one head dim each, a few cases that between them cover ragged tiles, GQA,
 strided K/V, rows that see nothing, NaN inputs, block-sparse full / partial / empty tiles, softcap /
-ALiBi, packed batches, paged caches and (Hopper) rings that wrap several times; plus five injected bugs the emulator must
-report. No GPU needed; each test builds its binary (tens of seconds) and runs it. The whole matrix:
+ALiBi, packed batches, paged caches and (Hopper) rings that wrap several times; plus five injected bugs the
+emulator must report. No GPU needed; each test builds its binary (tens of seconds) and runs it. The whole matrix:
 python3 tests/emu/run_all.py (tests/emu/README.md)."""
 from __future__ import annotations
 
