@@ -26,7 +26,6 @@ import datetime
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import fused_attn  # noqa: E402
+from decode_bench import cpu_model  # noqa: E402  (same folder)
 
 
 def causal_pairs(n: int) -> int:
@@ -266,7 +266,7 @@ def main(argv=None):
         rows += varlen_case(32768, 64, 4096, 8, 64, reps, torch.float32)
         rows += mods_case(2048, 8, 64, 15, torch.float32, True)
         rows += mods_case(2048, 8, 64, 15, torch.float32, False)
-    meta = dict(machine=f"cpu-{torch.get_num_threads()}threads", processor=platform.processor() or platform.machine(),
+    meta = dict(machine=f"cpu-{torch.get_num_threads()}threads", processor=cpu_model(),
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 date=datetime.date.today().isoformat())
     for r in rows:
@@ -345,7 +345,7 @@ def plot(rows, path, meta):
     ax[1].set_ylabel("% time over the plain call")
     ax[1].legend(fontsize=8)
     ax[1].set_title("score modifiers, S2048 H8 D64 fp32", fontsize=9)
-    fig.suptitle(f"fused_attn CPU ({meta['threads']} threads, torch {meta['torch']}, {meta['date']})", fontsize=9)
+    fig.suptitle(f"fused_attn CPU: {meta['processor']} ({meta['threads']} threads, torch {meta['torch']}, {meta['date']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
