@@ -559,20 +559,38 @@ FA_CPU_INLINE F capped_of_tanh(F th, float cap_mul, float a, float dstart, float
 }
 
 // The modifiers with the choices fixed at compile time (kCap: a softcap, kAlibi: an ALiBi bias, kMask: the
-// input may hold -inf, which must stay -inf), so the per-vector loops carry no branches.
-template <typename F, bool kCap, bool kAlibi, bool kMask>
-FA_CPU_INLINE F score_mod_k(F y, float xk, float cap_mul, float a, float dstart, float step, F* g) {
+// input may hold -inf, which must stay -inf), so the per-vector loops carry no branches. On U consecutive
+// vectors y[u] of a line in place (vector u starts at distance dstart + u W step; the tanh's chains
+// interleaved, tanh_of_exp_n); g, when non-null, gets U vectors of d(capped)/ds.
+template <typename F, int U, bool kCap, bool kAlibi, bool kMask>
+FA_CPU_INLINE void score_mod_n(F* y, float xk, float cap_mul, float a, float dstart, float step, F* g) {
+  constexpr int W = width<F>;
   if constexpr (!kCap) {  // -inf minus a finite bias stays -inf, no select needed
-    if (g) *g = splat<F>(1.0f);
-    return kAlibi ? y - a * alibi_dist<F>(dstart, step) : y;
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      if (g) g[u] = splat<F>(1.0f);
+      if constexpr (kAlibi) y[u] -= a * alibi_dist<F>(dstart + step * static_cast<float>(u * W), step);
+    }
   } else {
     const float ninf = -std::numeric_limits<float>::infinity();
-    int_of<F> masked{};
-    if constexpr (kMask) masked = y == splat<F>(ninf);
-    y = capped_of_tanh<F, kAlibi>(tanh_of_exp(y, xk), cap_mul, a, dstart, step, g);
-    if constexpr (kMask) y = masked ? splat<F>(ninf) : y;
-    return y;
+    int_of<F> masked[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u)
+      if constexpr (kMask) masked[u] = y[u] == splat<F>(ninf);
+    tanh_of_exp_n<F, U>(y, xk);
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      y[u] = capped_of_tanh<F, kAlibi>(y[u], cap_mul, a, dstart + step * static_cast<float>(u * W), step,
+                                       g ? g + u : nullptr);
+      if constexpr (kMask) y[u] = masked[u] ? splat<F>(ninf) : y[u];
+    }
   }
+}
+// One vector.
+template <typename F, bool kCap, bool kAlibi, bool kMask>
+FA_CPU_INLINE F score_mod_k(F y, float xk, float cap_mul, float a, float dstart, float step, F* g) {
+  score_mod_n<F, 1, kCap, kAlibi, kMask>(&y, xk, cap_mul, a, dstart, step, g);
+  return y;
 }
 
 // row[c] <- tanh(row[c] / cap) (xk = cap_arg_scale(1 / cap)) for c < n, four vectors at a time. No -inf
@@ -739,27 +757,8 @@ FA_CPU_INLINE F mod_max_row(float* row, int64_t cols, const RowMod& md, float dr
     F y[U];
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) y[u] = vec::load<F>(row + c + u * W);
-    if constexpr (kCap) {
-      vec::int_of<F> masked[U];
-      F th[U];
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) {
-        if constexpr (kMask) masked[u] = y[u] == vec::splat<F>(kNegInf);
-        th[u] = y[u];
-      }
-      vec::tanh_of_exp_n<F, U>(th, md.xk);
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) {
-        y[u] = vec::capped_of_tanh<F, kAlibi>(th[u], md.cap_mul, md.a, dr - static_cast<float>(c + u * W), -1.0f,
-                                              nullptr);
-        if constexpr (kMask) y[u] = masked[u] ? vec::splat<F>(kNegInf) : y[u];
-      }
-    } else {
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u)
-        y[u] = vec::score_mod_k<F, false, kAlibi, kMask>(y[u], md.xk, md.cap_mul, md.a,
-                                                        dr - static_cast<float>(c + u * W), -1.0f, nullptr);
-    }
+    vec::score_mod_n<F, U, kCap, kAlibi, kMask>(y, md.xk, md.cap_mul, md.a, dr - static_cast<float>(c), -1.0f,
+                                                nullptr);
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
       vec::store(row + c + u * W, y[u]);
