@@ -196,8 +196,8 @@ def sparse_layout(seqlen: int, block: int, target: float, heads: int, seed: int)
     return masks.bigbird(n, n, 1, 0, per_row - 1, generator=gen, heads=heads)
 
 
-def cpu_cases(quick: bool) -> list[Case]:
-    dt, b, h, d = torch.float32, 1, 8, 64
+def cpu_cases(quick: bool, dt: torch.dtype = torch.float32) -> list[Case]:
+    b, h, d = 1, 8, 64
     cases = []
     for s in (1024,) if quick else (1024, 2048):
         for pattern in ("dense", "causal"):
@@ -687,6 +687,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     ap.add_argument("--mask-limit-gib", type=float, default=2.0,
                     help="largest dense element mask built for SDPA peers")
+    ap.add_argument("--cpu-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the CPU cases (default float32)")
     ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out")
     ap.add_argument("--flex-cpu", action="store_true", help="also run FlexAttention on the CPU (slow compile)")
     ap.add_argument("--no-plot", action="store_true")
@@ -732,7 +734,8 @@ def main(argv=None):
         groups.discard("varlen")
     if not groups:
         return None
-    cases = [c for c in (cuda_cases if gpu else cpu_cases)(opts.quick) if c.group in groups]
+    cpu_dt = getattr(torch, opts.cpu_dtype)
+    cases = [c for c in (cuda_cases(opts.quick) if gpu else cpu_cases(opts.quick, cpu_dt)) if c.group in groups]
     impls = implementations(device, opts)
 
     try:

@@ -26,6 +26,7 @@ py::dict build_info() {
   backends.append("cpu");
   info["cpu_dtypes"] = py::make_tuple("float16", "bfloat16", "float32", "float64");
   info["cpu_isa"] = std::string(fused_attn::cpu_isa());
+  info["cpu_bf16_gemm"] = fused_attn::cpu_bf16_gemm();
 #ifdef FA_WITH_CUDA
   backends.append("cuda");
   py::dict tc;

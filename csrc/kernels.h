@@ -11,6 +11,11 @@ enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 // Tiles: with a block layout, exactly (p.list_tq, p.list_tk), the granularity of the lists;
 // otherwise the kernel's own choice.
 void cpu_fwd(const AttnParams& p, DType dt);
+// bf16 forward through oneDNN's bf16 brgemm (AMX / AVX512-BF16), fp32 out and lse; where cpu_fwd_bf16_ok(p).
+// cpu_bf16_gemm(): whether this CPU has those GEMMs (and FUSED_ATTN_CPU_BF16_GEMM=0 is not set; read once).
+bool cpu_bf16_gemm();
+bool cpu_fwd_bf16_ok(const AttnParams& p);
+void cpu_fwd_bf16(const AttnParams& p);
 // The vector width the CPU kernels run at on this machine (tile_math.h): "x86-64-v4" (16 lanes), "x86-64-v3"
 // (8 lanes) or "baseline" (4 lanes); FUSED_ATTN_CPU_ISA=v1 / v3 lowers it.
 const char* cpu_isa();

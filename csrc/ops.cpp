@@ -312,6 +312,20 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q_in, const Tensor& k_in, const
                                    int64_t wl, int64_t wr, at::TensorList sparse_in, at::IntArrayRef sparse_shape,
                                    double softcap, const std::optional<Tensor>& alibi) {
   check_qkv(q_in, k_in, v_in);
+  if (q_in.scalar_type() == at::kBFloat16 && sparse_in.empty() && q_in.numel() > 0 && k_in.size(2) > 0) {
+    // bf16 through the bf16 GEMMs where the CPU has them (cpu_fwd_bf16_ok); rows at least D apart
+    auto rows = [](const Tensor& t) { return t.stride(2) < t.size(3) && t.size(2) > 1 ? t.contiguous() : t; };
+    const Tensor q = rows(q_in), k = rows(k_in), v = rows(v_in);
+    AttnParams p = base_params(q, k, v, scale, wl, wr);
+    set_score_mod(p, softcap, alibi, q);
+    if (cpu_fwd_bf16_ok(p)) {
+      Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
+      Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+      set_out(p, out, lse);
+      cpu_fwd_bf16(p);
+      return {out.to(at::kBFloat16), lse};
+    }
+  }
   const Tensor q = cpu_compute(q_in), k = cpu_compute(k_in), v = cpu_compute(v_in);
   std::vector<Tensor> sparse(sparse_in.begin(), sparse_in.end());
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());

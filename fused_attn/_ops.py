@@ -14,7 +14,9 @@ _INFO = _C.build_info()
 
 def build_info() -> dict:
     """What this build holds: backends, dtypes and head dims per backend, CUDA archs, the CPU kernels' vector
-    width ("cpu_isa": x86-64-v4, x86-64-v3 or baseline; FUSED_ATTN_CPU_ISA=v1 or v3 lowers it); with CUDA, also which
+    width ("cpu_isa": x86-64-v4, x86-64-v3 or baseline; FUSED_ATTN_CPU_ISA=v1 or v3 lowers it), whether bf16
+    forwards on the CPU run bf16 GEMMs ("cpu_bf16_gemm": oneDNN's AMX / AVX512-BF16 brgemm where the CPU has it,
+    unless FUSED_ATTN_CPU_BF16_GEMM=0; otherwise bf16 is computed in fp32); with CUDA, also which
     kernel family runs float16/bfloat16 on each visible device ("cuda_paths": the Hopper wgmma/TMA kernels
     on compute capability 9.0 unless FUSED_ATTN_FORCE_SM80 is set, the mma.sync kernels elsewhere)."""
     info = dict(_INFO)

@@ -7,6 +7,7 @@
 // and finally O /= l, lse = m + log l (all in base 2, see tile_math.h). Rows that see no key end with
 // out 0 and lse -inf.
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <stdexcept>
@@ -193,7 +194,198 @@ void fwd_impl(const AttnParams& p) {
   cpu::run_tasks(cost, make, body, &group);  // sequence by sequence (tile_math.h)
 }
 
+// ---------------------------------------------------------------------------------------------------
+// bf16 forward on CPUs whose oneDNN brgemm takes bf16 (AMX / AVX512-BF16: cpublas::could_pack): the two
+// products in bf16 with fp32 accumulation, as on the GPU. S = Q K^T from bf16 Q and K (exact products), scaled
+// by scale * log2(e) in fp32 (K cannot carry the scale without a bf16 rounding); the softmax step, masks and
+// modifiers are the fp32 path's; P rounded to bf16 for O += P V (the GPU kernels' rounding); O, l, m in fp32.
+// B operands in brgemm's VNNI layout, packed once per head in 64-key chunks (cpublas::pack takes N <= 64):
+// K^T per chunk (K = d, N = 64 keys), V per chunk and 64 columns (K = 64 keys, N <= 64). Keys past the
+// sequence are zero in both, so every chunk is a full 64 keys. Dense / causal / window / modifiers, d % 32 ==
+// 0, no block layout, no packed batch (cpu_fwd_bf16_ok); everything else takes the fp32 kernels.
+constexpr int64_t kLpChunk = 64;
+
+namespace cb = at::native::cpublas;
+using bf16 = c10::BFloat16;
+
+void fwd_bf16_impl(const AttnParams& p) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t nb = p.batch, hq = p.hq, hk = p.hk, d = p.d, grp = p.group();
+  if (nb == 0 || hq == 0 || p.sq == 0) return;
+  const int64_t tq = kFwdTileQ, tk = kFwdTileK;  // tk a multiple of kLpChunk
+  const bf16* q = static_cast<const bf16*>(p.q);
+  const bf16* k = static_cast<const bf16*>(p.k);
+  const bf16* v = static_cast<const bf16*>(p.v);
+  float* o = static_cast<float*>(p.o);
+  float* lse = static_cast<float*>(p.lse);
+  std::vector<SeqInfo> seqs(nb);
+  for (int64_t b = 0; b < nb; ++b) seqs[b] = p.seq(b);
+  const bool capped = p.softcap > 0;
+  const float kscale = static_cast<float>(capped ? p.scale : p.scale * kLog2e);
+
+  // Packed K^T and V per (b, kv head): nch chunks of 64 keys; K^T chunk d x 64, V chunk 64 x d (as d / 64
+  // column pieces of 64 x 64, the last narrower).
+  std::vector<int64_t> nch(nb), off(nb + 1, 0);
+  for (int64_t b = 0; b < nb; ++b) {
+    nch[b] = cdiv(seqs[b].sk, kLpChunk);
+    off[b + 1] = off[b] + hk * nch[b] * kLpChunk * d;
+  }
+  std::vector<bf16> ktp(off[nb]), vp(off[nb]);
+  at::parallel_for(0, nb * hk, 1, [&](int64_t beg, int64_t end) {
+    std::vector<bf16> tmp(kLpChunk * d);
+    for (int64_t bh = beg; bh < end; ++bh) {
+      const int64_t b = bh / hk, h = bh % hk;
+      const SeqInfo& si = seqs[b];
+      for (int64_t c = 0; c < nch[b]; ++c) {
+        const int64_t j0 = c * kLpChunk, jn = std::min(kLpChunk, si.sk - j0);
+        bf16* kdst = ktp.data() + off[b] + (h * nch[b] + c) * kLpChunk * d;
+        bf16* vdst = vp.data() + off[b] + (h * nch[b] + c) * kLpChunk * d;
+        // K^T chunk (d x 64, keys past the sequence 0), then VNNI
+        std::fill(tmp.begin(), tmp.end(), bf16(0.0f));
+        for (int64_t j = 0; j < jn; ++j) {
+          const bf16* kr = k + p.k_st.at(b, h, si.k_off + j0 + j);
+          for (int64_t x = 0; x < d; ++x) tmp[x * kLpChunk + j] = kr[x];
+        }
+        cb::pack(d, kLpChunk, kLpChunk, kLpChunk, at::kBFloat16, at::kBFloat16, tmp.data(), kdst);
+        // V chunk (64 x d, rows past the sequence 0), then VNNI per 64 columns
+        std::fill(tmp.begin(), tmp.end(), bf16(0.0f));
+        for (int64_t j = 0; j < jn; ++j) {
+          const bf16* vr = v + p.v_st.at(b, h, si.k_off + j0 + j);
+          std::copy(vr, vr + d, tmp.data() + j * d);
+        }
+        for (int64_t e = 0; e < d; e += kLpChunk) {
+          const int64_t en = std::min(kLpChunk, d - e);
+          cb::pack(kLpChunk, en, d, en, at::kBFloat16, at::kBFloat16, tmp.data() + e, vdst + e * kLpChunk);
+        }
+      }
+    }
+  });
+
+  struct Task {
+    int64_t b, h, qt;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost, group;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t h = 0; h < hq; ++h)
+      for (int64_t qt = 0; qt < cdiv(seqs[b].sq, tq); ++qt) {
+        tasks.push_back({b, h, qt});
+        cost.push_back(KeyTiles(p, b, h, qt, tq, tk).count());
+        group.push_back(b);
+      }
+  struct Scratch {
+    std::unique_ptr<float[]> s, acc, m, l, lb, alpha;
+    std::unique_ptr<bf16[]> pb;
+  };
+  auto make = [&] {
+    Scratch w;
+    w.s.reset(new float[tq * tk]);
+    w.acc.reset(new float[tq * d]);
+    w.m.reset(new float[tq]);
+    w.l.reset(new float[tq]);
+    w.lb.reset(new float[tq]);
+    w.alpha.reset(new float[tq]);
+    w.pb.reset(new bf16[tq * tk]);
+    return w;
+  };
+  auto body = [&](Scratch& w, int64_t t) {
+    const int64_t b = tasks[t].b, h = tasks[t].h, qt = tasks[t].qt, kvh = h / grp;
+    const SeqInfo& si = seqs[b];
+    const int64_t sk = si.sk, q0 = qt * tq, qn = imin(tq, si.sq - q0);
+    const ScoreMod mod(p, b, h, si);
+    float* s = w.s.get();
+    float* acc = w.acc.get();
+    float* m = w.m.get();
+    float* l = w.l.get();
+    float* alpha = w.alpha.get();
+    float* lb = w.lb.get();
+    for (int64_t r = 0; r < qn; ++r) {
+      m[r] = kNegInf;
+      l[r] = 0;
+      lb[r] = 0;
+    }
+    const bf16* qtile = q + p.q_st.at(b, h, si.q_off + q0);
+    const int64_t ldq = p.q_st.s;
+    const bf16* kh = ktp.data() + off[b] + kvh * nch[b] * kLpChunk * d;
+    const bf16* vh = vp.data() + off[b] + kvh * nch[b] * kLpChunk * d;
+    bool started = false;
+    const KeyTiles tiles(p, b, h, qt, tq, tk);
+    for (int64_t it = 0; it < tiles.count(); ++it) {
+      const TileVisit vis = tiles.get(it);
+      if (vis.tile < 0) continue;
+      const int64_t k0 = vis.tile * tk;
+      if (k0 >= sk) continue;
+      const int64_t kn = imin(tk, sk - k0), kc = cdiv(kn, kLpChunk);
+      for (int64_t c = 0; c < kc; ++c)
+        cb::brgemm(qn, kLpChunk, d, ldq, kLpChunk, tk, false, qtile,
+                   kh + (k0 / kLpChunk + c) * kLpChunk * d, s + c * kLpChunk);
+      cpu::scale_tile_f32(s, qn, kn, tk, kscale);
+      const bool masked = tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn);
+      if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
+      if (mod.active()) {
+        const cpu::RowMod rm = cpu::RowMod::of(mod, q0, k0, masked);
+        cpu::softmax_step(s, qn, kn, tk, m, l, alpha, &rm);
+      } else {
+        cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
+      }
+      for (int64_t r = 0; r < qn; ++r) {
+        lb[r] *= alpha[r];
+        if (!started || alpha[r] == 1.0f) continue;
+        float* ar = acc + r * d;
+        const float a = alpha[r];
+        for (int64_t c = 0; c < d; ++c) ar[c] *= a;
+      }
+      // P V takes P in bf16; the output is normalised by the sum of those same rounded values (lb), so that
+      // its weights sum to 1 (l, of the fp32 P, gives lse)
+      cpu::round_bf16_f32(s, qn, kn, kc * kLpChunk, tk, reinterpret_cast<uint16_t*>(w.pb.get()), tk, lb);
+      for (int64_t c = 0; c < kc; ++c) {
+        const bf16* vc = vh + (k0 / kLpChunk + c) * kLpChunk * d;
+        for (int64_t e = 0; e < d; e += kLpChunk) {
+          const int64_t en = std::min(kLpChunk, d - e);
+          cb::brgemm(qn, en, kLpChunk, tk, en, d, started || c > 0, w.pb.get() + c * kLpChunk, vc + e * kLpChunk,
+                     acc + e);
+        }
+      }
+      started = true;
+    }
+    cb::brgemm_release();
+    float* lrow = lse + b * p.lse_b + h * p.lse_h + si.q_off + q0;
+    for (int64_t r = 0; r < qn; ++r) {
+      float* orow = o + p.o_st.at(b, h, si.q_off + q0 + r);
+      if (!started || l[r] == 0) {
+        for (int64_t c = 0; c < d; ++c) orow[c] = 0;
+        lrow[r] = kNegInf;
+      } else {
+        const float inv = 1.0f / lb[r];
+        const float* ar = acc + r * d;
+        for (int64_t c = 0; c < d; ++c) orow[c] = ar[c] * inv;
+        lrow[r] = (m[r] + std::log2(l[r])) * static_cast<float>(kLn2);
+      }
+    }
+  };
+  cpu::run_tasks(cost, make, body, &group);
+}
+
 }  // namespace
+
+bool cpu_bf16_gemm() {
+  static const bool can = [] {
+    const char* e = std::getenv("FUSED_ATTN_CPU_BF16_GEMM");
+    if (e && e[0] == '0') return false;
+    try {
+      return at::native::cpublas::could_pack(at::kBFloat16);
+    } catch (...) {
+      return false;
+    }
+  }();
+  return can;
+}
+
+bool cpu_fwd_bf16_ok(const AttnParams& p) {
+  return cpu_bf16_gemm() && !p.sparse && !p.cu_seqlens_q && !p.block_table && p.d % 32 == 0 && p.d <= 256;
+}
+
+void cpu_fwd_bf16(const AttnParams& p) { fwd_bf16_impl(p); }
 
 const char* cpu_isa() {
   switch (cpu::vec::isa_level()) {
