@@ -29,6 +29,46 @@ constexpr double kLn2 = 0.6931471805599453094;
 constexpr int64_t kFwdTileQ = 128;
 constexpr int64_t kFwdTileK = 128;
 
+// Tasks: (b, h, query tile) over every sequence's own tiles; cost = key tiles visited; group = b.
+struct FwdTasks {
+  struct Task {
+    int64_t b, h, qt;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost, group;
+  FwdTasks(const AttnParams& p, const std::vector<SeqInfo>& seqs, int64_t tq, int64_t tk) {
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.hq; ++h)
+        for (int64_t qt = 0; qt < cdiv(seqs[b].sq, tq); ++qt) {
+          tasks.push_back({b, h, qt});
+          cost.push_back(KeyTiles(p, b, h, qt, tq, tk).count());
+          group.push_back(b);
+        }
+  }
+};
+
+// Rows [row0, row0 + qn) of head h, sequence rows of batch entry b: out = acc / norm, lse = (m + log2 l) ln 2 (l
+// and norm the same sum, except in the bf16 forward); a row that saw no key: out 0, lse -inf (a NaN sum, from a
+// NaN score, gives a NaN row).
+template <typename T>
+void finish_rows(const AttnParams& p, int64_t b, int64_t h, int64_t row0, int64_t qn, bool started, const T* m,
+                 const T* l, const T* norm, const T* acc, T* o, T* lse) {
+  const int64_t d = p.d;
+  T* lrow = lse + b * p.lse_b + h * p.lse_h + row0;
+  for (int64_t r = 0; r < qn; ++r) {
+    T* orow = o + p.o_st.at(b, h, row0 + r);
+    if (!started || l[r] == 0) {
+      for (int64_t c = 0; c < d; ++c) orow[c] = 0;
+      lrow[r] = -std::numeric_limits<T>::infinity();
+    } else {
+      const T inv = T(1) / norm[r];
+      const T* ar = acc + r * d;
+      for (int64_t c = 0; c < d; ++c) orow[c] = ar[c] * inv;
+      lrow[r] = (m[r] + std::log2(l[r])) * static_cast<T>(kLn2);
+    }
+  }
+}
+
 template <typename T>
 struct FwdScratch {
   std::unique_ptr<T[]> s, acc, m, l, alpha, qc;
@@ -88,19 +128,8 @@ void fwd_impl(const AttnParams& p) {
     }
   });
 
-  // Tasks: (b, h, query tile) over every sequence's own tiles; cost = key tiles visited.
-  struct Task {
-    int64_t b, h, qt;
-  };
-  std::vector<Task> tasks;
-  std::vector<int64_t> cost, group;
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t h = 0; h < hq; ++h)
-      for (int64_t qt = 0; qt < cdiv(seqs[b].sq, tq); ++qt) {
-        tasks.push_back({b, h, qt});
-        cost.push_back(KeyTiles(p, b, h, qt, tq, tk).count());
-        group.push_back(b);
-      }
+  const FwdTasks ft(p, seqs, tq, tk);
+  const std::vector<FwdTasks::Task>& tasks = ft.tasks;
 
   auto make = [&] {
     FwdScratch<T> w;
@@ -176,22 +205,10 @@ void fwd_impl(const AttnParams& p) {
       started = true;
     }
 
-    T* lrow = lse + b * p.lse_b + h * p.lse_h + sinfo.q_off + q0;
-    for (int64_t r = 0; r < qn; ++r) {
-      T* orow = o + p.o_st.at(b, h, sinfo.q_off + q0 + r);
-      if (!started || l[r] == 0) {  // sees no key (a NaN sum, from a NaN score, gives a NaN row below)
-        for (int64_t c = 0; c < d; ++c) orow[c] = 0;
-        lrow[r] = kNegInf;
-      } else {
-        const T inv = T(1) / l[r];
-        const T* ar = acc + r * d;
-        for (int64_t c = 0; c < d; ++c) orow[c] = ar[c] * inv;
-        lrow[r] = (m[r] + std::log2(l[r])) * static_cast<T>(kLn2);
-      }
-    }
+    finish_rows(p, b, h, sinfo.q_off + q0, qn, started, m, l, l, acc, o, lse);
   };
 
-  cpu::run_tasks(cost, make, body, &group);  // sequence by sequence (tile_math.h)
+  cpu::run_tasks(ft.cost, make, body, &ft.group);  // sequence by sequence (tile_math.h)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -207,6 +224,65 @@ constexpr int64_t kLpChunk = 64;
 
 namespace cb = at::native::cpublas;
 using bf16 = c10::BFloat16;
+
+}  // namespace
+
+// In cpu:: for FA_CPU_BY_WIDTH (tile_math.h).
+namespace cpu {
+// Helpers of the bf16-GEMM forward: s[r][c] *= c for a tile, and P (fp32) rounded to bf16 (round to
+// nearest even; columns [cols, cols_pad) zero) with each row's sum of the rounded values added to sum[r].
+template <typename F>
+FA_CPU_INLINE void scale_tile_f32_body(float* s, int64_t rows, int64_t cols, int64_t ld, float c) {
+  constexpr int W = vec::width<F>;
+  const int64_t cv = cols - cols % W;
+  const F vc = vec::splat<F>(c);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    for (int64_t x = 0; x < cv; x += W) vec::store(row + x, vec::load<F>(row + x) * vc);
+    if (cv < cols) vec::store_part(row + cv, vec::load_part<F>(row + cv, cols - cv, 0.0f) * vc, cols - cv);
+  }
+}
+FA_CPU_BY_WIDTH(void, scale_tile_f32, (float* s, int64_t rows, int64_t cols, int64_t ld, float c),
+                (s, rows, cols, ld, c))
+
+template <typename F>
+FA_CPU_INLINE void round_bf16_f32_body(const float* src, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld,
+                                       uint16_t* dst, int64_t ldd, float* sum) {
+  constexpr int W = vec::width<F>;
+  using I = vec::int_of<F>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = src + r * ld;
+    uint16_t* b = dst + r * ldd;
+    typedef uint16_t H __attribute__((vector_size(2 * W)));
+    F acc = vec::splat<F>(0.0f);
+    auto round = [&](F v) {  // the bf16 bits of v in the low halves
+      const I u = (I)v;
+      return (I)(((u + vec::splat_i<F>(0x7fff) + ((u >> 16) & vec::splat_i<F>(1))) >> 16) & vec::splat_i<F>(0xffff));
+    };
+    const int64_t cv = cols - cols % W;
+    for (int64_t x = 0; x < cv; x += W) {
+      const I rb = round(vec::load<F>(a + x));
+      acc += (F)(rb << 16);
+      const H h = __builtin_convertvector(rb, H);
+      std::memcpy(b + x, &h, sizeof(h));
+    }
+    if (cv < cols) {
+      const I rb = round(vec::load_part<F>(a + cv, cols - cv, 0.0f));
+      acc += (F)(rb << 16);
+      const H h = __builtin_convertvector(rb, H);
+      std::memcpy(b + cv, &h, 2 * (cols - cv));
+    }
+    for (int64_t x = cols; x < cols_pad; ++x) b[x] = 0;
+    sum[r] += vec::hsum(acc);
+  }
+}
+FA_CPU_BY_WIDTH(void, round_bf16_f32,
+                (const float* src, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld, uint16_t* dst,
+                 int64_t ldd, float* sum),
+                (src, rows, cols, cols_pad, ld, dst, ldd, sum))
+}  // namespace cpu
+
+namespace {
 
 void fwd_bf16_impl(const AttnParams& p) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -261,18 +337,8 @@ void fwd_bf16_impl(const AttnParams& p) {
     }
   });
 
-  struct Task {
-    int64_t b, h, qt;
-  };
-  std::vector<Task> tasks;
-  std::vector<int64_t> cost, group;
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t h = 0; h < hq; ++h)
-      for (int64_t qt = 0; qt < cdiv(seqs[b].sq, tq); ++qt) {
-        tasks.push_back({b, h, qt});
-        cost.push_back(KeyTiles(p, b, h, qt, tq, tk).count());
-        group.push_back(b);
-      }
+  const FwdTasks ft(p, seqs, tq, tk);
+  const std::vector<FwdTasks::Task>& tasks = ft.tasks;
   struct Scratch {
     std::unique_ptr<float[]> s, acc, m, l, lb, alpha;
     std::unique_ptr<bf16[]> pb;
@@ -349,21 +415,9 @@ void fwd_bf16_impl(const AttnParams& p) {
       started = true;
     }
     cb::brgemm_release();
-    float* lrow = lse + b * p.lse_b + h * p.lse_h + si.q_off + q0;
-    for (int64_t r = 0; r < qn; ++r) {
-      float* orow = o + p.o_st.at(b, h, si.q_off + q0 + r);
-      if (!started || l[r] == 0) {
-        for (int64_t c = 0; c < d; ++c) orow[c] = 0;
-        lrow[r] = kNegInf;
-      } else {
-        const float inv = 1.0f / lb[r];
-        const float* ar = acc + r * d;
-        for (int64_t c = 0; c < d; ++c) orow[c] = ar[c] * inv;
-        lrow[r] = (m[r] + std::log2(l[r])) * static_cast<float>(kLn2);
-      }
-    }
+    finish_rows(p, b, h, si.q_off + q0, qn, started, m, l, lb, acc, o, lse);
   };
-  cpu::run_tasks(cost, make, body, &group);
+  cpu::run_tasks(ft.cost, make, body, &ft.group);
 }
 
 }  // namespace

@@ -875,59 +875,6 @@ inline void softmax_step(double* s, int64_t rows, int64_t cols, int64_t ld, doub
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Helpers of the bf16-GEMM forward (fwd.cpp): s[r][c] *= c for a tile, and P (fp32) rounded to bf16 (round to
-// nearest even; columns [cols, cols_pad) zero) with each row's sum of the rounded values added to sum[r].
-template <typename F>
-FA_CPU_INLINE void scale_tile_f32_body(float* s, int64_t rows, int64_t cols, int64_t ld, float c) {
-  constexpr int W = vec::width<F>;
-  const int64_t cv = cols - cols % W;
-  const F vc = vec::splat<F>(c);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ld;
-    for (int64_t x = 0; x < cv; x += W) vec::store(row + x, vec::load<F>(row + x) * vc);
-    if (cv < cols) vec::store_part(row + cv, vec::load_part<F>(row + cv, cols - cv, 0.0f) * vc, cols - cv);
-  }
-}
-FA_CPU_BY_WIDTH(void, scale_tile_f32, (float* s, int64_t rows, int64_t cols, int64_t ld, float c),
-                (s, rows, cols, ld, c))
-
-template <typename F>
-FA_CPU_INLINE void round_bf16_f32_body(const float* src, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld,
-                                       uint16_t* dst, int64_t ldd, float* sum) {
-  constexpr int W = vec::width<F>;
-  using I = vec::int_of<F>;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* a = src + r * ld;
-    uint16_t* b = dst + r * ldd;
-    typedef uint16_t H __attribute__((vector_size(2 * W)));
-    F acc = vec::splat<F>(0.0f);
-    auto round = [&](F v) {  // the bf16 bits of v in the low halves
-      const I u = (I)v;
-      return (I)(((u + vec::splat_i<F>(0x7fff) + ((u >> 16) & vec::splat_i<F>(1))) >> 16) & vec::splat_i<F>(0xffff));
-    };
-    const int64_t cv = cols - cols % W;
-    for (int64_t x = 0; x < cv; x += W) {
-      const I rb = round(vec::load<F>(a + x));
-      acc += (F)(rb << 16);
-      const H h = __builtin_convertvector(rb, H);
-      std::memcpy(b + x, &h, sizeof(h));
-    }
-    if (cv < cols) {
-      const I rb = round(vec::load_part<F>(a + cv, cols - cv, 0.0f));
-      acc += (F)(rb << 16);
-      const H h = __builtin_convertvector(rb, H);
-      std::memcpy(b + cv, &h, 2 * (cols - cv));
-    }
-    for (int64_t x = cols; x < cols_pad; ++x) b[x] = 0;
-    sum[r] += vec::hsum(acc);
-  }
-}
-FA_CPU_BY_WIDTH(void, round_bf16_f32,
-                (const float* src, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld, uint16_t* dst,
-                 int64_t ldd, float* sum),
-                (src, rows, cols, cols_pad, ld, dst, ldd, sum))
-
-// ---------------------------------------------------------------------------------------------------
 // Backward, on transposed tiles (rows = keys, cols = queries), one pass over the S^T and dP^T tiles:
 //   s[r][c]  <- P = 2^(s[r][c] - lse_adj[c])   (base 2: s and lse_adj carry a factor log2(e);
 //                                                lse_adj = +inf for rows that see nothing, so P = 0)
