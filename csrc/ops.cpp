@@ -300,12 +300,16 @@ bool env_deterministic() {
 
 // ---------------------------------------------------------------------------------------------- CPU
 
-// fp16/bf16 run through the fp32 kernels: the CPU has no fast half arithmetic to use. Rows closer than
-// D apart (a tensor expanded along S) are copied: the tile GEMMs need a leading dimension >= D.
+// Rows closer than D apart (a tensor expanded along S) are copied: the tile GEMMs need a leading dimension
+// >= D.
+Tensor rows_d_apart(const Tensor& t) {
+  const int64_t sdim = t.dim() == 4 ? 2 : 0;  // the sequence dim: (B, H, S, D) or packed (total, H, D)
+  return (t.dim() >= 3 && t.size(sdim) > 1 && t.stride(sdim) < t.size(-1)) ? t.contiguous() : t;
+}
+
+// fp16/bf16 run through the fp32 kernels (except the bf16 forward on CPUs with bf16 GEMMs, fwd_cpu).
 Tensor cpu_compute(const Tensor& t) {
-  const Tensor c = (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) ? t.to(at::kFloat) : t;
-  const int64_t sdim = c.dim() == 4 ? 2 : 0;  // the sequence dim: (B, H, S, D) or packed (total, H, D)
-  return (c.dim() >= 3 && c.size(sdim) > 1 && c.stride(sdim) < c.size(-1)) ? c.contiguous() : c;
+  return rows_d_apart((t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) ? t.to(at::kFloat) : t);
 }
 
 std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
@@ -313,9 +317,8 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q_in, const Tensor& k_in, const
                                    double softcap, const std::optional<Tensor>& alibi) {
   check_qkv(q_in, k_in, v_in);
   if (q_in.scalar_type() == at::kBFloat16 && sparse_in.empty() && q_in.numel() > 0 && k_in.size(2) > 0) {
-    // bf16 through the bf16 GEMMs where the CPU has them (cpu_fwd_bf16_ok); rows at least D apart
-    auto rows = [](const Tensor& t) { return t.stride(2) < t.size(3) && t.size(2) > 1 ? t.contiguous() : t; };
-    const Tensor q = rows(q_in), k = rows(k_in), v = rows(v_in);
+    // bf16 through the bf16 GEMMs where the CPU has them (cpu_fwd_bf16_ok)
+    const Tensor q = rows_d_apart(q_in), k = rows_d_apart(k_in), v = rows_d_apart(v_in);
     AttnParams p = base_params(q, k, v, scale, wl, wr);
     set_score_mod(p, softcap, alibi, q);
     if (cpu_fwd_bf16_ok(p)) {
