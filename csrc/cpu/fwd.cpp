@@ -69,6 +69,37 @@ void finish_rows(const AttnParams& p, int64_t b, int64_t h, int64_t row0, int64_
   }
 }
 
+// Mask (-inf), then the modifiers, which keep -inf, then one online-softmax step on the score tile of (b, h)
+// at query row q0, key k0 (qn x kn, ld): in fp32 the modifiers run inside the softmax step's first pass over
+// the tile (tile_math.h), in fp64 as their own pass.
+template <typename T>
+void softmax_tile(const AttnParams& p, const TileVisit& vis, const ScoreMod& mod, int64_t b, int64_t h, int64_t q0,
+                  int64_t qn, int64_t k0, int64_t kn, T* s, int64_t ld, T* m, T* l, T* alpha) {
+  const bool masked = tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn);
+  if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, ld, false);
+  if constexpr (std::is_same_v<T, float>) {
+    if (mod.active()) {
+      const cpu::RowMod rm = cpu::RowMod::of(mod, q0, k0, masked);
+      cpu::softmax_step(s, qn, kn, ld, m, l, alpha, &rm);
+      return;
+    }
+  } else {
+    if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, s, ld, false, static_cast<T*>(nullptr));
+  }
+  cpu::softmax_step(s, qn, kn, ld, m, l, alpha);
+}
+
+// acc's rows *= alpha (the running max moved).
+template <typename T>
+void rescale_rows(T* acc, int64_t rows, int64_t d, const T* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (alpha[r] == T(1)) continue;
+    T* ar = acc + r * d;
+    const T a = alpha[r];
+    for (int64_t c = 0; c < d; ++c) ar[c] *= a;
+  }
+}
+
 template <typename T>
 struct FwdScratch {
   std::unique_ptr<T[]> s, acc, m, l, alpha, qc;
@@ -178,29 +209,8 @@ void fwd_impl(const AttnParams& p) {
       const int64_t kn = imin(tk, sk - k0);
 
       cpu::gemm(qn, kn, d, qtile, ldq, kth + k0, ldk[b], s, tk, false);
-      // Mask first (-inf), then the modifiers, which keep -inf: in fp32 they run inside the softmax step's
-      // first pass over the tile (tile_math.h), in fp64 as their own pass.
-      const bool masked = tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn);
-      if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
-      if constexpr (std::is_same_v<T, float>) {
-        if (mod.active()) {
-          const cpu::RowMod rm = cpu::RowMod::of(mod, q0, k0, masked);
-          cpu::softmax_step(s, qn, kn, tk, m, l, alpha, &rm);
-        } else {
-          cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
-        }
-      } else {
-        if (mod.active()) cpu::score_mod_tile(mod, q0, qn, k0, kn, s, tk, false, static_cast<T*>(nullptr));
-        cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
-      }
-      if (started) {
-        for (int64_t r = 0; r < qn; ++r) {
-          if (alpha[r] == T(1)) continue;
-          T* ar = acc + r * d;
-          const T a = alpha[r];
-          for (int64_t c = 0; c < d; ++c) ar[c] *= a;
-        }
-      }
+      softmax_tile(p, vis, mod, b, h, q0, qn, k0, kn, s, tk, m, l, alpha);
+      if (started) rescale_rows(acc, qn, d, alpha);
       cpu::gemm(qn, d, kn, s, tk, vh + k0 * ldv, ldv, acc, d, started);
       started = true;
     }
@@ -386,21 +396,9 @@ void fwd_bf16_impl(const AttnParams& p) {
         cb::brgemm(qn, kLpChunk, d, ldq, kLpChunk, tk, false, qtile,
                    kh + (k0 / kLpChunk + c) * kLpChunk * d, s + c * kLpChunk);
       cpu::scale_tile_f32(s, qn, kn, tk, kscale);
-      const bool masked = tile_needs_mask(p, vis, b, q0, q0 + qn, k0, k0 + kn);
-      if (masked) cpu::mask_tile(p, vis, b, h, q0, qn, k0, kn, s, tk, false);
-      if (mod.active()) {
-        const cpu::RowMod rm = cpu::RowMod::of(mod, q0, k0, masked);
-        cpu::softmax_step(s, qn, kn, tk, m, l, alpha, &rm);
-      } else {
-        cpu::softmax_step(s, qn, kn, tk, m, l, alpha);
-      }
-      for (int64_t r = 0; r < qn; ++r) {
-        lb[r] *= alpha[r];
-        if (!started || alpha[r] == 1.0f) continue;
-        float* ar = acc + r * d;
-        const float a = alpha[r];
-        for (int64_t c = 0; c < d; ++c) ar[c] *= a;
-      }
+      softmax_tile(p, vis, mod, b, h, q0, qn, k0, kn, s, tk, m, l, alpha);
+      for (int64_t r = 0; r < qn; ++r) lb[r] *= alpha[r];
+      if (started) rescale_rows(acc, qn, d, alpha);
       // P V takes P in bf16; the output is normalised by the sum of those same rounded values (lb), so that
       // its weights sum to 1 (l, of the fp32 P, gives lse)
       cpu::round_bf16_f32(s, qn, kn, kc * kLpChunk, tk, reinterpret_cast<uint16_t*>(w.pb.get()), tk, lb);
