@@ -405,33 +405,19 @@ FA_CPU_INLINE void horner_n(F* y, const F* f, const float (&c)[N]) {
 // rounding), and 2^n added straight into the exponent bits. ~14 vector ops per vector, against ~24 for a
 // natural-base Cephes exp with clamps. kClampHigh = false where x <= 127 is known, as in x = score - row max
 // (<= 0) in the softmax steps and x = score - lse (above 0 by rounding at most) in the backward: one min less.
-// On U vectors x[u] in place, each step on all U before the next (as tanh_of_exp_n).
-template <typename F, int U, bool kClampHigh = true>
-FA_CPU_INLINE void exp2_n(F* x) {
-  using I = int_of<F>;
-  const F magic = F{} + 12582912.0f;
-  I cut[U];
-  F t[U], f[U], y[U];
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) {
-    cut[u] = x[u] < (F{} + -125.0f);
-    if constexpr (kClampHigh) x[u] = vmin(F{} + 127.0f, x[u]);  // NaN stays
-    t[u] = x[u] + magic;
-  }
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) f[u] = x[u] - (t[u] - magic);
-  horner_n<F, U>(y, f, {1.535612594e-4f, 1.339881786e-3f, 9.618427777e-3f, 5.550332683e-2f, 2.402264799e-1f,
-                        6.931472027e-1f, 1.0f});
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) {
-    const I bits = (I)y[u] + ((I)t[u] << 23);
-    x[u] = (F)(bits & ~cut[u]);
-  }
-}
 template <typename F, bool kClampHigh = true>
 FA_CPU_INLINE F exp2(F x) {
-  exp2_n<F, 1, kClampHigh>(&x);
-  return x;
+  using I = int_of<F>;
+  const F magic = F{} + 12582912.0f;
+  const I cut = x < (F{} + -125.0f);
+  if constexpr (kClampHigh) x = vmin(F{} + 127.0f, x);  // NaN stays
+  const F t = x + magic;
+  const F f = x - (t - magic);
+  F y;
+  horner_n<F, 1>(&y, &f, {1.535612594e-4f, 1.339881786e-3f, 9.618427777e-3f, 5.550332683e-2f, 2.402264799e-1f,
+                          6.931472027e-1f, 1.0f});
+  const I bits = (I)y + ((I)t << 23);
+  return (F)(bits & ~cut);
 }
 // 2^x for x <= 0 (a rounding step above 0 is fine: all it needs is x <= 127); -inf gives 0, NaN NaN.
 template <typename F>
